@@ -1,0 +1,46 @@
+"""One dataclass per command: what the CLI flags map onto and what the manifest records.
+
+Each field's ``help`` metadata is the flag's help text, so the CLI, the Python API and the
+manifest never disagree about an option's name, default or meaning. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+def option(default, help: str, flag: str | None = None, short: str | None = None):
+    return field(default=default, metadata={"help": help, "flag": flag, "short": short})
+
+
+@dataclass
+class BuildConfig:
+    """Options of ``lite-influence build``."""
+
+    text_col: str | None = option(None, "Column holding the text (default: text, sentence, prompt, content or question).")
+    pair_col: str | None = option(None, "Column holding the second text of a pair (NLI, QA), if any.")
+    label_col: str | None = option(None, "Column holding the label: an id (0, 1) or a name the model knows (default: label).")
+    layers: str = option("attention", "Which units to index: attention (embeddings, attention linears, head), mlp, all, a group (early, middle, late, embeddings, head), a layer (block3) or a regex over module names; comma-separated.")
+    granularity: str = option("layer", "One index per transformer block ('layer') or per weight matrix ('unit').")
+    projection: str = option("pca", "pca: fitted Kronecker eigenbasis (keeps far more per dim); random: seeded Gaussian (needs no fitting pass).")
+    proj_dim: int = option(8, "Dims kept per side of each weight matrix; a unit stores proj_dim^2 numbers (a BERT block of 4 attention matrices: 4 x 64 = 256).")
+    fit_examples: int = option(256, "Training examples used to fit the pca eigenbasis (one extra forward/backward pass over them).")
+    metric: str = option("cosine", "cosine: normalise vectors (best for lookup); dot: raw TracIn inner products (the paper's score).")
+    index_factory: str = option("Flat", "FAISS index factory string: Flat (exact), HNSW32, IVF256,Flat, PQ32, ...")
+    batch_size: int = option(16, "Examples per forward/backward pass.")
+    max_length: int = option(128, "Tokens per example; longer texts are truncated.")
+    seed: int = option(0, "Seed for the random projection, the fitting sample and a newly initialised head.")
+    limit: int | None = option(None, "Index only the first N rows of the training file.")
+    num_labels: int | None = option(None, "Classes of a newly initialised head, when the model folder has none (default 2).")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BuildConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def help_of(cls, name: str) -> str:
+    return next(f.metadata["help"] for f in fields(cls) if f.name == name)

@@ -1,0 +1,73 @@
+"""Tiny randomly initialised models (seconds, no downloads) shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+WORDS = ("good great fine nice bad awful poor dull movie film plot actor story the a is was "
+         "very not quite really").split()
+
+
+def tiny_config(arch: str, num_labels: int = 2):
+    common = dict(vocab_size=64, num_labels=num_labels, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if arch == "bert":
+        return transformers.BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                       intermediate_size=24, max_position_embeddings=64, **common)
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64, **common)
+    if arch == "llama":
+        return transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                                        num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=64, **common)
+    raise ValueError(arch)
+
+
+def tiny_classifier(arch: str, seed: int = 0, num_labels: int = 2):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_config(tiny_config(arch, num_labels))
+    return model.eval()
+
+
+def random_batch(batch: int = 4, length: int = 9, seed: int = 0):
+    """Token ids with ragged lengths (right padding) and labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 64, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        n = max(2, length - 2 * row)
+        ids[row, n:] = 0
+        mask[row, n:] = 0
+    labels = torch.randint(0, 2, (batch,), generator=g)
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory):
+    """A tiny BERT classifier with a real (word-level) tokenizer, saved like a hub folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    model = tiny_classifier("bert")
+    model.config.id2label = {0: "negative", 1: "positive"}
+    model.config.label2id = {"negative": 0, "positive": 1}
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def train_tsv(tmp_path):
+    """Twelve labelled sentences in the SST-2 format."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(12):
+        words = rng.choices(WORDS, k=rng.randint(3, 10))
+        rows.append(f"{' '.join(words)}\t{i % 2}")
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return path
