@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from . import __version__
-from .config import BuildConfig
+from .aggregate import AGGREGATIONS, aggregate
+from .config import AuditConfig, BuildConfig, QueryConfig
 from .data import fingerprint_file, load_examples
 from .errors import UserError
 from .index import FORMAT_VERSION, METRICS, IndexStore, IndexWriter
@@ -183,14 +184,20 @@ def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims,
 
 
 class InfluenceIndex:
-    """A built index: its manifest, layers and vectors; the model is loaded on first query."""
+    """A built index: manifest, layers and stored vectors; the model is loaded on first query.
 
-    def __init__(self, store: IndexStore):
+    ``model`` points at the model folder when it moved since the build; its fingerprint must
+    still match the one the index was built with.
+    """
+
+    def __init__(self, store: IndexStore, model: str | Path | None = None):
         self.store = store
+        self._model_path = model
+        self._session = None
 
     @classmethod
-    def open(cls, path: str | Path) -> "InfluenceIndex":
-        return cls(IndexStore.open(path))
+    def open(cls, path: str | Path, model: str | Path | None = None) -> "InfluenceIndex":
+        return cls(IndexStore.open(path), model)
 
     @property
     def path(self) -> Path:
@@ -208,6 +215,10 @@ class InfluenceIndex:
     def groups(self) -> dict[str, list[str]]:
         return self.manifest["groups"]
 
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.manifest["label_names"])}
+
     def __len__(self) -> int:
         return self.store.n
 
@@ -218,3 +229,169 @@ class InfluenceIndex:
     def examples(self) -> list[dict]:
         return self.store.examples
 
+    def resolve_layers(self, spec: str) -> list[str]:
+        """Layer names from a comma-separated list of group and layer names, in index order."""
+        chosen: set[str] = set()
+        for term in [t.strip() for t in spec.split(",") if t.strip()]:
+            if term in self.groups:
+                chosen.update(self.groups[term])
+            elif term in self.layers:
+                chosen.add(term)
+            else:
+                raise UserError(f"unknown layer or group '{term}'; groups: {', '.join(self.groups)}; "
+                                f"layers: {', '.join(self.layers)}")
+        if not chosen:
+            raise UserError("no layers selected; pass e.g. --layers all")
+        return [layer for layer in self.layers if layer in chosen]
+
+    # -- the model side -------------------------------------------------------------------
+
+    def _model(self):
+        """Model, projectors and layers exactly as at build time (checked by fingerprint)."""
+        if self._session is None:
+            self._session = _load_session(self.manifest, self.store, self._model_path)
+        return self._session
+
+    def gradients(self, texts: list[str], pairs: list[str] | None = None,
+                  labels: list | None = None, batch_size: int = 16) -> "QueryGradients":
+        """Projected per-layer gradients of queries, with the index's model and projection.
+
+        A label of None means the model's predicted label (what "why did it say this?" asks).
+        """
+        from .data import label_id
+        from .gradients import layer_vectors, length_batches
+        from .models import encode, predict
+
+        loaded, projectors, layers = self._model()
+        build = BuildConfig.from_dict(self.manifest["build"])
+        encodings = encode(loaded, texts, pairs, build.max_length)
+        given = labels or [None] * len(texts)
+        predicted = predict(loaded, encodings, batch_size)
+        used = [int(predicted[i]) if value is None else label_id(value, self.label2id, where=f" of query {i + 1}")
+                for i, value in enumerate(given)]
+        vectors = {name: np.zeros((len(texts), self.store.layer_info(name)["dim"]), np.float32) for name in layers}
+        losses = np.zeros(len(texts))
+        logits = np.zeros((len(texts), len(self.label2id)))
+        for batch in length_batches([len(e["input_ids"]) for e in encodings], batch_size):
+            batch_vectors, batch_losses, batch_logits = layer_vectors(loaded, projectors, layers, encodings, used, batch)
+            for name in layers:
+                vectors[name][batch] = batch_vectors[name]
+            losses[batch], logits[batch] = batch_losses, batch_logits
+        return QueryGradients(vectors, np.array(used), predicted, losses, logits)
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def query(self, text: str | list[str], pair: str | list[str] | None = None, label=None,
+              config: QueryConfig | None = None, **options) -> dict:
+        """Top-k proponents and opponents of one query (or of several, aggregated together)."""
+        config = replace(config or QueryConfig(), **options)
+        if config.agg not in AGGREGATIONS:
+            raise UserError(f"unknown aggregation '{config.agg}'; use one of {', '.join(AGGREGATIONS)}")
+        if config.k < 1:
+            raise UserError(f"-k must be at least 1, got {config.k}")
+        texts = [text] if isinstance(text, str) else list(text)
+        pairs = [pair] if isinstance(pair, str) else pair
+        labels = label if isinstance(label, list) else [label] * len(texts)
+        layers = self.resolve_layers(config.layers)
+        k = min(config.k, len(self))
+        grads = self.gradients(texts, pairs, labels, config.batch_size)
+        queries = [self._describe_query(grads, i, texts, pairs) for i in range(len(texts))]
+        result = {"query": queries[0], "queries": queries, "prediction": queries[0]["prediction"],
+                  "agg": config.agg, "metric": self.store.metric, "layers": layers, "k": k,
+                  "k_clamped": config.k > len(self)}
+        for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
+            result[side] = self._lookup(grads.vectors, layers, sign, k, config.agg)
+        return result
+
+    def _describe_query(self, grads, i, texts, pairs) -> dict:
+        names = self.manifest["label_names"]
+        probabilities = np.exp(grads.logits[i] - grads.logits[i].max())
+        probabilities /= probabilities.sum()
+        return {"text": texts[i], "pair": pairs[i] if pairs else None,
+                "label": int(grads.labels[i]), "label_name": names[grads.labels[i]],
+                "loss": float(grads.losses[i]),
+                "prediction": {"label": int(grads.predicted[i]), "label_name": names[grads.predicted[i]],
+                               "probability": float(probabilities[grads.predicted[i]])}}
+
+    def _lookup(self, vectors: dict, layers: list[str], sign: float, k: int, agg: str) -> list[dict]:
+        lists, found_in = [], {}
+        for layer in layers:
+            _, ids = self.store.search(layer, sign * vectors[layer], k)
+            for row in ids:
+                row = row[row >= 0]
+                lists.append(row)
+                for i in row:
+                    found_in.setdefault(int(i), []).append(layer)
+        candidates = np.array(sorted(found_in), dtype=np.int64)
+        exact = {layer: sign * self.store.vectors(layer, candidates) @ self.store.prepare_queries(vectors[layer]).T
+                 for layer in layers}  # (candidates, queries) per layer
+        if agg == "mean":
+            ids, values = aggregate("mean", scores=np.concatenate([s.T for s in exact.values()]))
+            ids = candidates[ids]
+        else:
+            p = min(1.0, k / len(self)) if agg == "vote" else 0.2
+            ids, values = aggregate(agg, lists=lists, n=len(self), p=p)
+            keep = np.isin(ids, candidates)
+            ids, values = ids[keep], values[keep]
+        position = {int(c): j for j, c in enumerate(candidates)}
+        rows = []
+        for i, value in zip(ids[:k], values[:k]):
+            example = self.examples[int(i)]
+            j = position[int(i)]
+            rows.append({"id": int(i), "score": float(value), "label": example.get("label"),
+                         "text": example.get("text"), "pair": example.get("pair"),
+                         "per_layer": {layer: float(sign * exact[layer][j].mean()) for layer in layers},
+                         "retrieved_in": found_in[int(i)],
+                         "extra": {key: v for key, v in example.items()
+                                   if key not in ("id", "text", "pair", "label")}})
+        return rows
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def audit(self, queries: str | Path, config: AuditConfig | None = None,
+              progress: Progress | None = None, **options) -> "AuditResult":
+        """Rank every training example from most to least detrimental to the queries, per
+        layer and group and aggregation, and score each ranking with NDR when noise is known."""
+        from .audit import run_audit
+
+        config = replace(config or AuditConfig(), **options)
+        return run_audit(self, queries, config, progress or (lambda stage, done, total: None))
+
+
+@dataclass
+class QueryGradients:
+    vectors: dict[str, np.ndarray]  # layer -> (queries, dim), raw (not normalised)
+    labels: np.ndarray  # the labels the gradients are of
+    predicted: np.ndarray
+    losses: np.ndarray
+    logits: np.ndarray
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.labels == self.predicted
+
+
+def _load_session(manifest: dict, store: IndexStore, model_path):
+    from .layers import discover_units
+    from .models import load_model, model_fingerprint
+    from .projection import from_arrays
+
+    path = Path(model_path or manifest["model"]["path"])
+    if not (path / "config.json").is_file():
+        raise UserError(f"the index's model folder '{path}' is missing (moved or deleted?); pass "
+                        "--model with its new location.")
+    if model_fingerprint(path) != manifest["model"]["fingerprint"]:
+        raise UserError(f"the model at '{path}' is not the one this index was built with "
+                        "(fingerprint mismatch); rebuild the index, or pass --model with the original model folder.")
+    build = BuildConfig.from_dict(manifest["build"])
+    loaded = load_model(path, num_labels=build.num_labels, seed=build.seed)
+    by_name = {u.name: u for u in discover_units(loaded.model)}
+    layers = {}
+    for layer in manifest["layers"]:
+        try:
+            layers[layer["name"]] = [by_name[u["name"]] for u in layer["units"]]
+        except KeyError as exc:
+            raise UserError(f"the model has no unit {exc}; it is not the model of this index.") from exc
+    units = [u for us in layers.values() for u in us]
+    projectors = from_arrays(units, build.proj_dim, build.seed, store.projection_arrays())
+    return loaded, projectors, layers

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import BuildConfig, help_of
+from .config import AuditConfig, BuildConfig, QueryConfig, help_of
 from .errors import UserError
 
 app = typer.Typer(
@@ -138,6 +138,138 @@ def info(
         table.add_row(layer["name"], str(len(layer["units"])), str(layer["dim"]), _human(size))
     out.print(table)
     out.print("groups: " + "; ".join(f"{g}: {', '.join(ls)}" for g, ls in m["groups"].items()))
+
+
+@app.command(epilog="Examples:\n\n  lite-influence query runs/index --text \"a gorgeous, witty film\" -k 5\n\n"
+                     "  lite-influence query runs/index --file dev.tsv --layers middle --agg rank --json")
+def query(
+    index_dir: Path = typer.Argument(..., help="An index folder written by `build`."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="The test example to explain."),
+    pair: Optional[str] = typer.Option(None, "--pair", help="Second text of a pair, if the model takes pairs."),
+    label: Optional[str] = typer.Option(None, "--label", "-l", help="Label to explain (id or name); default: the model's prediction."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl); their lists are aggregated together."),
+    k: int = _opt(QueryConfig, "k", "-k"),
+    layers: str = _opt(QueryConfig, "layers"),
+    agg: str = _opt(QueryConfig, "agg"),
+    batch_size: int = _opt(QueryConfig, "batch_size"),
+    model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+):
+    """Which training examples pushed the model to this answer (proponents), and which fought it (opponents)."""
+    from .api import InfluenceIndex
+
+    config = QueryConfig(k=k, layers=layers, agg=agg, batch_size=batch_size)
+    index = InfluenceIndex.open(index_dir, model=model)
+    if (text is None) == (file is None):
+        raise UserError("pass either --text \"...\" or --file QUERIES.")
+    if file is not None:
+        from .data import load_examples
+
+        examples = load_examples(file, label2id=index.label2id, require_label=False)
+        result = index.query(examples.texts, examples.pairs,
+                             examples.labels or [None] * len(examples), config)
+    else:
+        result = index.query(text, pair, label, config)
+    if as_json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    _print_query(result, index.manifest["label_names"])
+
+
+def _print_query(result: dict, names: list[str]) -> None:
+    q = result["query"]
+    pred = q["prediction"]
+    if len(result["queries"]) == 1:
+        out.print(f"[bold]query[/]: {q['text']}" + (f"  [dim]|[/] {q['pair']}" if q["pair"] else ""))
+        out.print(f"prediction: [bold]{pred['label_name']}[/] (p={pred['probability']:.2f}); "
+                  f"explaining label [bold]{q['label_name']}[/], loss {q['loss']:.3f}")
+    else:
+        correct = sum(x["prediction"]["label"] == x["label"] for x in result["queries"])
+        out.print(f"[bold]{len(result['queries'])} queries[/], {correct} predicted as labelled")
+    if result["k_clamped"]:
+        out.print(f"[yellow]note[/]: -k is larger than the index; showing all {result['k']} examples.")
+    score = {"vote": "votes", "rank": "mean rank", "mean": "mean score"}[result["agg"]]
+    for side, colour, blurb in (("proponents", "green", "pushed towards this label"),
+                                ("opponents", "red", "pushed against it")):
+        table = Table(title=f"[{colour}]{side}[/]: {blurb} ({result['agg']} over {len(result['layers'])} layers, {result['metric']})",
+                      expand=True, title_justify="left")
+        table.add_column("id", justify="right", no_wrap=True)
+        table.add_column(score, justify="right", no_wrap=True)
+        table.add_column("label", no_wrap=True)
+        table.add_column("text", ratio=1, no_wrap=True, overflow="ellipsis")
+        table.add_column("layers", no_wrap=True, overflow="ellipsis", max_width=28)
+        for row in result[side]:
+            label = row["label"]
+            name = names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
+            flag = " [yellow](noisy)[/]" if str(row["extra"].get("noisy", "")).lower() in ("1", "true") else ""
+            table.add_row(str(row["id"]), f"{row['score']:.3g}", name + flag, row["text"],
+                          ",".join(row["retrieved_in"]))
+        out.print(table)
+
+
+@app.command(epilog="Example: lite-influence audit runs/index influence.tsv --agg rank,vote --export ranking.csv --plot curves.png")
+def audit(
+    index_dir: Path = typer.Argument(..., help="An index folder written by `build`."),
+    query_file: Path = typer.Argument(..., help="The influence set: clean, labelled examples (csv/tsv/jsonl)."),
+    layers: str = _opt(AuditConfig, "layers"),
+    aggs: str = typer.Option(AuditConfig.aggs, "--agg", help=help_of(AuditConfig, "aggs")),
+    correct_only: bool = _opt(AuditConfig, "correct_only"),
+    vote_p: float = _opt(AuditConfig, "vote_p"),
+    levels: str = _opt(AuditConfig, "levels"),
+    noise_col: Optional[str] = _opt(AuditConfig, "noise_col"),
+    text_col: Optional[str] = _opt(AuditConfig, "text_col"),
+    pair_col: Optional[str] = _opt(AuditConfig, "pair_col"),
+    label_col: Optional[str] = _opt(AuditConfig, "label_col"),
+    batch_size: int = _opt(AuditConfig, "batch_size"),
+    export: Optional[Path] = typer.Option(None, "--export", help="Write the full ranking (all layers, first --agg) to this csv/tsv/jsonl."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw detection curves of every group to this PNG."),
+    model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Rank training examples from most to least detrimental, and score the ranking with NDR."""
+    from .api import InfluenceIndex
+
+    config = AuditConfig(layers=layers, aggs=aggs, correct_only=correct_only, vote_p=vote_p,
+                         levels=levels, noise_col=noise_col, text_col=text_col, pair_col=pair_col,
+                         label_col=label_col, batch_size=batch_size)
+    index = InfluenceIndex.open(index_dir, model=model)
+    with _progress() as progress:
+        result = index.audit(query_file, config, progress=progress)
+    if export:
+        result.export(export, index.examples)
+    if plot:
+        from .plots import detection_curves
+
+        detection_curves(result, plot)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+        return
+    _print_audit(result)
+    for path in (export, plot):
+        if path and not STATE["quiet"]:
+            err.print(f"wrote {path}")
+
+
+def _print_audit(result) -> None:
+    levels = [f"ndr@{round(p * 100)}" for p in result.levels]
+    has_ndr = result.noisy is not None
+    title = (f"{result.n:,} training examples, {result.n_queries} queries ({result.n_correct} predicted correctly)"
+             + (f", {int(result.noisy.sum())} known noisy" if has_ndr else ""))
+    table = Table("scope", "agg", *([c.upper() for c in levels] + ["AUC-NDR"] if has_ndr else ["top 5 most detrimental"]),
+                  title=title, title_justify="left")
+    best = {c: max((r[c] for r in result.table), default=None) for c in levels + ["auc_ndr"]} if has_ndr else {}
+    for row in result.table:
+        if has_ndr:
+            cells = [f"[bold green]{row[c]:.3f}[/]" if row[c] == best[c] else f"{row[c]:.3f}" for c in levels + ["auc_ndr"]]
+        else:
+            cells = [", ".join(str(i) for i in result.rankings[(row["scope"], row["agg"].removesuffix("-c"),
+                                                                 "correct" if row["agg"].endswith("-c") else "all")][0][:5])]
+        table.add_row(row["scope"], row["agg"], *cells)
+    for name, values in result.baselines.items():
+        table.add_row(f"[dim]{name}[/]", "", *[f"[dim]{values[c]:.3f}[/]" for c in levels + ["auc_ndr"]])
+    out.print(table)
+    for note in result.notes:
+        out.print(f"[yellow]note[/]: {note}")
 
 
 def _human(size: int) -> str:

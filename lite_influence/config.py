@@ -42,5 +42,37 @@ class BuildConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+@dataclass
+class QueryConfig:
+    """Options of ``lite-influence query``."""
+
+    k: int = option(10, "How many proponents and opponents to show.", short="-k")
+    layers: str = option("all", "Layers to search: a group (embeddings, early, middle, late, head, all) or layer names, comma-separated.")
+    agg: str = option("vote", "How the layers' lists are combined: vote (weighted by rank), rank (mean rank) or mean (mean exact score).")
+    batch_size: int = option(16, "Queries per forward/backward pass (with --file).")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AuditConfig:
+    """Options of ``lite-influence audit``."""
+
+    layers: str = option("each,groups", "What to score: 'each' (every layer alone), 'groups' (embeddings, early, middle, late, head, all), or layer/group names; comma-separated.")
+    aggs: str = option("mean,rank,vote", "Aggregations to compare, comma-separated: mean, rank, vote.")
+    correct_only: bool = option(False, "Also report the -c variants: only queries the model predicts correctly.")
+    vote_p: float = option(0.2, "Vote: each (layer, query) list votes for its bottom p fraction of training examples.")
+    levels: str = option("10,20,30", "NDR levels in percent of the training set, comma-separated.")
+    noise_col: str | None = option(None, "Column of the indexed training data flagging known-mislabeled examples (1/true); default: 'noisy' when present.")
+    text_col: str | None = option(None, "Text column of the query file (default: as in build).")
+    pair_col: str | None = option(None, "Pair column of the query file, if any.")
+    label_col: str | None = option(None, "Label column of the query file (default: label).")
+    batch_size: int = option(16, "Queries per forward/backward pass.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def help_of(cls, name: str) -> str:
     return next(f.metadata["help"] for f in fields(cls) if f.name == name)

@@ -120,3 +120,15 @@ def example_losses(loaded: LoadedModel, batch: dict[str, torch.Tensor], labels: 
     logits = loaded.model(**batch).logits
     losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
     return losses, logits
+
+
+def predict(loaded: LoadedModel, encodings: list[dict], batch_size: int = 32) -> "np.ndarray":
+    """The model's predicted label of each example (no gradients)."""
+    import numpy as np
+
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(encodings), batch_size):
+            batch = collate(loaded, encodings[start : start + batch_size])
+            predictions.append(loaded.model(**batch).logits.argmax(-1).numpy())
+    return np.concatenate(predictions)

@@ -153,8 +153,6 @@ def from_arrays(units: list[Unit], k: int, seed: int, arrays: dict[str, np.ndarr
             if key in arrays:
                 sides[side] = Side(torch.from_numpy(np.array(arrays[key])), dim,
                                    torch.from_numpy(np.array(arrays[f"{key}_eigenvalues"])))
-            elif pca_fits(unit, side) and k < dim and arrays is not None and arrays.get("_pca") is not None:
-                raise ValueError(f"stored projection lacks {key}")
             else:
                 sides[side] = random_side(dim, k, seed, unit.name, side)
         projectors.append(UnitProjector(unit, sides["in"], sides["out"]))

@@ -1,0 +1,207 @@
+"""The dataset audit: every training example ranked from most to least detrimental to an
+influence set of clean, labelled queries, per layer, per group and per aggregation, with the
+Noise Detection Rate of each ranking when some labels are known to be wrong.
+
+An example is detrimental to a query when its influence is negative (an opponent: a step on
+it raises the query's loss). Each (layer, query) pair ranks the training set by influence,
+most negative first. How the lists are obtained, per aggregation:
+
+* ``vote``: a FAISS search of depth ceil(p N) with -phi, the nearest opponents; exact, as
+  only that prefix of each list votes;
+* ``rank`` and ``mean``: full scores against every stored vector (exact for a Flat index,
+  from reconstructed vectors otherwise), so ranks are never truncated.
+
+Lists are pre-aggregated per layer (each layer sees the same queries), so every group's
+ranking is a cheap combination of its layers' sums. This module drives the index through its
+public methods and imports neither torch nor faiss itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import ndr
+from .aggregate import AGGREGATIONS, mean_ranks, order, vote_depth, votes
+from .data import load_examples, write_rows
+from .errors import UserError
+
+TRUE = {"1", "true", "yes", "y", "t"}
+
+
+@dataclass
+class AuditResult:
+    """``table``: one row per (scope, aggregation, query subset) with NDR figures;
+    ``rankings``: the full ranking (ids, most detrimental first) and scores of each row."""
+
+    n: int
+    n_queries: int
+    n_correct: int
+    noisy: np.ndarray | None
+    levels: tuple[float, ...]
+    table: list[dict] = field(default_factory=list)
+    rankings: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    cancellation: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ranking(self) -> np.ndarray:
+        """The headline ranking: all layers, the first aggregation, all queries."""
+        scope, agg, subset = self.table[0]["scope"], self.table[0]["agg"], "all"
+        return self.rankings[("all", agg, subset)][0] if ("all", agg, subset) in self.rankings \
+            else self.rankings[(scope, agg, subset)][0]
+
+    def best(self) -> dict | None:
+        scored = [row for row in self.table if "auc_ndr" in row]
+        return max(scored, key=lambda row: row["auc_ndr"]) if scored else None
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "n_queries": self.n_queries, "n_correct": self.n_correct,
+                "n_noisy": None if self.noisy is None else int(self.noisy.sum()),
+                "levels": list(self.levels), "table": self.table, "baselines": self.baselines,
+                "cancellation": self.cancellation, "notes": self.notes}
+
+    def export(self, path: str | Path, examples: list[dict], scope: str = "all",
+               agg: str | None = None, subset: str = "all") -> Path:
+        """The full ranking as a table: id, score, rank, text, label, noise flag."""
+        agg = agg or self.table[0]["agg"]
+        if (scope, agg, subset) not in self.rankings:
+            raise UserError(f"no ranking for scope '{scope}' and aggregation '{agg}' in this audit.")
+        ids, scores = self.rankings[(scope, agg, subset)]
+        rows = [{"rank": r, "id": int(i), "score": float(s), "label": examples[i].get("label"),
+                 "noisy": None if self.noisy is None else int(self.noisy[i]), "text": examples[i].get("text")}
+                for r, (i, s) in enumerate(zip(ids, scores))]
+        return write_rows(path, rows, ["rank", "id", "score", "label", "noisy", "text"])
+
+
+def _levels(spec: str) -> tuple[float, ...]:
+    try:
+        levels = tuple(float(x) / 100 for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--levels must be percentages like 10,20,30, got '{spec}'") from None
+    if not levels or any(not 0 < p <= 1 for p in levels):
+        raise UserError(f"--levels must be percentages in (0, 100], got '{spec}'")
+    return levels
+
+
+def _aggs(spec: str) -> list[str]:
+    aggs = [a.strip() for a in spec.split(",") if a.strip()]
+    unknown = [a for a in aggs if a not in AGGREGATIONS]
+    if unknown or not aggs:
+        raise UserError(f"unknown aggregation '{','.join(unknown) or spec}'; use {', '.join(AGGREGATIONS)}")
+    return aggs
+
+
+def noise_flags(examples: list[dict], column: str | None) -> np.ndarray | None:
+    """The known-noisy flags of the indexed examples; None when unknown (no NDR then)."""
+    name = column or "noisy"
+    if examples and name not in examples[0]:
+        if column is None:
+            return None
+        present = sorted({k for k in examples[0] if k != "id"})
+        raise UserError(f"noise column '{column}' is not in the indexed training data; columns: "
+                        f"{', '.join(present)}. Rebuild the index from a file with that column.")
+    return np.array([str(e.get(name)).strip().lower() in TRUE for e in examples])
+
+
+def scopes(index, spec: str) -> dict[str, tuple[str, list[str]]]:
+    """scope name -> (kind, layers): 'each' is every layer alone, 'groups' every group."""
+    result: dict[str, tuple[str, list[str]]] = {}
+    for term in [t.strip() for t in spec.split(",") if t.strip()]:
+        if term == "each":
+            result.update({layer: ("layer", [layer]) for layer in index.layers})
+        elif term == "groups":
+            result.update({g: ("group", layers) for g, layers in index.groups.items()})
+        elif term in index.groups:
+            result[term] = ("group", index.groups[term])
+        else:
+            result.update({layer: ("layer", [layer]) for layer in index.resolve_layers(term)})
+    if not result:
+        raise UserError("nothing to audit; pass e.g. --layers each,groups")
+    return result
+
+
+def run_audit(index, queries, config, progress) -> AuditResult:
+    levels, aggs = _levels(config.levels), _aggs(config.aggs)
+    if not 0 < config.vote_p <= 1:
+        raise UserError(f"--vote-p must be in (0, 1], got {config.vote_p}")
+    targets = scopes(index, config.layers)
+    noisy = noise_flags(index.examples, config.noise_col)
+    if noisy is not None and not noisy.any():
+        noisy = None
+    examples = load_examples(queries, text_col=config.text_col, pair_col=config.pair_col,
+                             label_col=config.label_col, label2id=index.label2id)
+    progress("queries", 0, len(examples))
+    grads = index.gradients(examples.texts, examples.pairs, examples.labels, config.batch_size)
+    progress("queries", len(examples), len(examples))
+    subsets = {"all": np.ones(len(examples), bool)}
+    if config.correct_only:
+        subsets["correct"] = grads.correct
+    layers = sorted({l for _, ls in targets.values() for l in ls}, key=index.layers.index)
+    per_layer, cancellation = {}, {}
+    for number, layer in enumerate(layers):
+        per_layer[layer], cancellation[layer] = _layer_sums(index, layer, grads.vectors[layer], subsets, aggs, config.vote_p)
+        progress("layers", number + 1, len(layers))
+    result = AuditResult(len(index), len(examples), int(grads.correct.sum()), noisy, levels,
+                         cancellation=cancellation)
+    for subset, mask in subsets.items():
+        if not mask.any():
+            result.notes.append(f"no query in subset '{subset}'; its rows are left out")
+            continue
+        for scope, (kind, members) in targets.items():
+            for agg in aggs:
+                ids, scores = _combine(agg, [per_layer[l][subset][agg] for l in members])
+                result.rankings[(scope, agg, subset)] = (ids, scores)
+                row = {"scope": scope, "kind": kind, "agg": agg + ("-c" if subset == "correct" else ""),
+                       "layers": members, "queries": int(mask.sum())}
+                if noisy is not None:
+                    row.update(ndr.summarise(ids, noisy, levels))
+                result.table.append(row)
+    if noisy is not None:
+        m = int(noisy.sum())
+        key = lambda p: f"ndr@{round(p * 100)}"
+        result.baselines = {
+            "random": {**{key(p): ndr.random_ndr_at(len(index), m, p) for p in levels},
+                       "auc_ndr": ndr.random_auc_ndr(len(index), m)},
+            "perfect": {**{key(p): ndr.perfect_ndr_at(len(index), m, p) for p in levels}, "auc_ndr": 1.0},
+        }
+    else:
+        result.notes.append("no noise column in the indexed data: rankings only, no NDR")
+    return result
+
+
+def _layer_sums(index, layer, vectors, subsets, aggs, vote_p):
+    """Per query subset and aggregation, this layer's lists combined over queries, in a form
+    that adds up over layers: mean score sum, mean-rank sum, vote sum."""
+    queries = index.store.prepare_queries(vectors)
+    need_full = "mean" in aggs or "rank" in aggs
+    full = queries @ index.store.vectors(layer).T if need_full else None  # (Q, N)
+    if "vote" in aggs:
+        _, neighbours = index.store.search(layer, -vectors, vote_depth(len(index), vote_p))
+    sums = {}
+    for subset, mask in subsets.items():
+        rows = np.flatnonzero(mask)
+        sums[subset] = {}
+        if not rows.size:
+            continue
+        if "mean" in aggs:
+            sums[subset]["mean"] = (-full[rows].astype(np.float64)).mean(0)
+        if "rank" in aggs:
+            lists = [order(full[q], higher_first=False) for q in rows]
+            sums[subset]["rank"] = mean_ranks(lists, len(index))
+        if "vote" in aggs:
+            sums[subset]["vote"] = votes([neighbours[q] for q in rows], len(index), vote_p)
+    cancel = ndr.cancellation_ratio(full) if full is not None and len(full) else float("nan")
+    return sums, cancel
+
+
+def _combine(agg: str, parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Layers of one scope: means of per-layer means (each layer has the same queries, so this
+    is the mean over all lists), sums of votes. Most detrimental first."""
+    stacked = np.stack(parts)
+    values = stacked.sum(0) if agg == "vote" else stacked.mean(0)
+    ids = order(values, higher_first=agg != "rank")
+    return ids, values[ids]
