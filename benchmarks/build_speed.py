@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -111,7 +112,7 @@ def materialised_hooks(loaded, projectors, layers, encodings, labels, batch) -> 
         def hook(module, args, output):
             if unit.kind == "embedding":  # weights are frozen: make the gradient flow from here
                 output = output.detach().requires_grad_(True)
-            output.register_hook(lambda delta: captured.__setitem__(unit.name, (args[0], delta)))
+            output.register_hook(lambda delta: captured.__setitem__(unit.name, (args[0].detach(), delta)))
             return output
         return hook
 
@@ -220,12 +221,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64, help="tokens per example, no padding")
     parser.add_argument("--proj-dim", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--fit-n", type=int, default=64, help="examples the pca is fitted on (not timed)")
-    parser.add_argument("--build-n", type=int, default=1000, help="rows for the end-to-end build_index")
+    parser.add_argument("--build-n", type=int, default=1000, help="rows for the end-to-end build_index (0: skip it)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     threads = torch.get_num_threads()
+    load_start = os.getloadavg()
     started = time.perf_counter()
 
     loaded = load_model(model_path(), seed=0)
@@ -264,14 +266,11 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     speed = {name: args.batch_size / t for name, t in median.items()}
     c_best = min(("c_hooks", "c_loop"), key=median.get)
-    ratios = {
-        "a_pca/b_train_step": speed["a_pca"] / speed["b_train_step"],
-        "a_random/b_train_step": speed["a_random"] / speed["b_train_step"],
-        f"a_pca/{c_best}": speed["a_pca"] / speed[c_best],
-        f"a_random/{c_best}": speed["a_random"] / speed[c_best],
-    }
+    pairs = [("a_pca", "b_train_step"), ("a_random", "b_train_step"), ("a_pca", c_best), ("a_random", c_best)]
+    ratios = {f"{a}/{b}": median[b] / median[a] for a, b in pairs}
+    ratios_min = {f"{a}/{b}": min(times[b]) / min(times[a]) for a, b in pairs}  # robust to a busy machine
     del train_model, optimizer
-    e2e = end_to_end(args.build_n)
+    e2e = end_to_end(args.build_n) if args.build_n > 0 else None
 
     results = {
         "setup": {"model": "all-MiniLM-L6-v2 + seeded 2-class head", "selector": "attention",
@@ -279,7 +278,8 @@ def main() -> None:
                   "warmup": args.warmup, "reps": args.reps, "torch_threads": threads,
                   "torch": torch.__version__},
         "median_s_per_batch": median, "examples_per_s": speed, "all_times_s": times,
-        "c_used_for_ratio": c_best, "ratios": ratios, "goals": {"a/b": 1.5, "a/c": 3.0},
+        "c_used_for_ratio": c_best, "ratios": ratios, "ratios_from_min": ratios_min,
+        "load_average_start_end": [load_start, os.getloadavg()], "goals": {"a/b": 1.5, "a/c": 3.0},
         "c_vs_a_max_rel_error": agreement, "build_index": e2e,
         "total_wall_s": round(time.perf_counter() - started, 1),
     }
@@ -290,17 +290,21 @@ def main() -> None:
              "c_loop": "(c) materialised per-example G (one backward per example) + projection"}
     lines = [f"# Build speed (MiniLM, attention selector, batch {args.batch_size} x {args.length} tokens, "
              f"{threads} torch threads, median of {args.reps} after {args.warmup} warm-up)", "",
-             "| variant | median s/batch | examples/s |", "|---|---|---|"]
-    lines += [f"| {names[n]} | {median[n]:.3f} | {speed[n]:.1f} |" for n in variants]
-    lines += ["", "| ratio (speed) | value | goal |", "|---|---|---|"]
-    lines += [f"| {n} | {v:.2f}x | {'>= 1.5x' if 'train' in n else '>= 3x'} |" for n, v in ratios.items()]
-    lines += ["", f"(c) vs (a) vectors, max relative error: " + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()),
-              "", f"End-to-end `build_index` on {e2e['n']} SST-2 train rows (defaults: pca k=8, attention, "
-              f"batch 16, fit 256): wall {e2e['wall_s'][0]} s and {e2e['wall_s'][1]} s -> "
-              f"{e2e['examples_per_s']} examples/s (gradient pass alone: {e2e['gradient_pass_examples_per_s']} examples/s).",
-              f"Determinism: two builds with seed 0 bit-identical on every layer: {e2e['deterministic']} "
-              f"({', '.join(f'{k}={v}' for k, v in e2e['bit_identical'].items())}).",
-              "", f"Total wall time: {results['total_wall_s']:.0f} s."]
+             "| variant | median s/batch | min s/batch | examples/s (median) |", "|---|---|---|---|"]
+    lines += [f"| {names[n]} | {median[n]:.3f} | {min(times[n]):.3f} | {speed[n]:.1f} |" for n in variants]
+    lines += ["", "| ratio (speed) | from medians | from minima | goal |", "|---|---|---|---|"]
+    lines += [f"| {n} | {v:.2f}x | {ratios_min[n]:.2f}x | {'>= 1.5x' if 'train' in n else '>= 3x'} |"
+              for n, v in ratios.items()]
+    lines += ["", f"(c) vs (a) vectors, max relative error: " + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items())]
+    if e2e:
+        lines += ["", f"End-to-end `build_index` on {e2e['n']} SST-2 train rows (defaults: pca k=8, attention, "
+                  f"batch 16, fit 256): wall {e2e['wall_s'][0]} s and {e2e['wall_s'][1]} s -> "
+                  f"{e2e['examples_per_s']} examples/s (gradient pass alone: {e2e['gradient_pass_examples_per_s']} examples/s).",
+                  f"Determinism: two builds with seed 0 bit-identical on every layer: {e2e['deterministic']} "
+                  f"({', '.join(f'{k}={v}' for k, v in e2e['bit_identical'].items())})."]
+    lines += ["", f"Total wall time: {results['total_wall_s']:.0f} s. Load average (1/5/15 min) at start "
+              f"{'/'.join(f'{x:.1f}' for x in load_start)}, at end {'/'.join(f'{x:.1f}' for x in os.getloadavg())} "
+              f"on {os.cpu_count()} cores."]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

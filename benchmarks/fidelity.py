@@ -220,6 +220,7 @@ def main() -> None:
 
     t = time.perf_counter()
     linear, embedding_rows = exact_gradients(loaded, units, evaluation.texts, evaluation.labels, args.max_length)
+    timings["exact_grads_s"] = time.perf_counter() - t
     exact = exact_grams(layers, linear, embedding_rows)
     timings["exact_s"] = time.perf_counter() - t
 
@@ -265,7 +266,7 @@ def main() -> None:
             f"## Spearman, cosine (normalised inner products)\n\n{markdown(results, 'cosine')}\n\n"
             f"Hook check (stored vector vs R_out^T G_exact R_in, max relative error over 8 examples, k=8): "
             + json.dumps({p: {n: f"{e:.1e}" for n, e in errs.items()} for p, errs in hook_errors.items()})
-            + f"\n\nWall time: {timings['total_s']:.0f} s (exact {timings['exact_s']:.0f} s, pca fit "
+            + f"\n\nWall time: {timings['total_s']:.0f} s (exact {timings['exact_s']:.0f} s of which float64 Grams {timings['exact_s'] - timings['exact_grads_s']:.0f} s, pca fit "
             f"{timings['pca_fit_s']:.0f} s, projected passes {timings['projected_s']:.0f} s), "
             f"{torch.get_num_threads()} torch threads.\n")
     print("\n" + text)

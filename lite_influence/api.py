@@ -19,7 +19,7 @@ from .aggregate import AGGREGATIONS, aggregate
 from .config import AuditConfig, BuildConfig, QueryConfig
 from .data import fingerprint_file, load_examples
 from .errors import UserError
-from .index import FORMAT_VERSION, METRICS, IndexStore, IndexWriter
+from .index import FORMAT_VERSION, METRICS, IndexStore, IndexWriter, check_factory
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -36,6 +36,7 @@ def _check(config: BuildConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if config.limit is not None and config.limit < 1:
         raise UserError(f"--limit must be at least 1, got {config.limit}")
+    check_factory(config.index_factory)
 
 
 def build_index(model: str | Path, train_file: str | Path, out: str | Path,
@@ -147,9 +148,9 @@ def _example_rows(examples) -> list[dict]:
 
 def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, config,
               identity, seconds) -> dict:
-    from .layers import group_layers
+    from .layers import count_blocks, discover_units, group_layers
 
-    n_blocks = 1 + max((u.block for us in layers.values() for u in us if u.block is not None), default=-1)
+    n_blocks = count_blocks(discover_units(loaded.model))
     layer_blocks = {name: us[0].block if len({u.block for u in us}) == 1 else None
                     for name, us in layers.items()}
     return {
@@ -283,7 +284,12 @@ class InfluenceIndex:
 
     def query(self, text: str | list[str], pair: str | list[str] | None = None, label=None,
               config: QueryConfig | None = None, **options) -> dict:
-        """Top-k proponents and opponents of one query (or of several, aggregated together)."""
+        """Top-k proponents and opponents of one query (or of several, aggregated together).
+
+        A row's ``score`` is its aggregate: votes (vote), mean rank (rank) or mean influence
+        (mean: positive for proponents, negative for opponents); ``per_layer`` holds each
+        layer's influence, averaged over the queries.
+        """
         config = replace(config or QueryConfig(), **options)
         if config.agg not in AGGREGATIONS:
             raise UserError(f"unknown aggregation '{config.agg}'; use one of {', '.join(AGGREGATIONS)}")
@@ -320,14 +326,15 @@ class InfluenceIndex:
             for row in ids:
                 row = row[row >= 0]
                 lists.append(row)
-                for i in row:
-                    found_in.setdefault(int(i), []).append(layer)
+                for i in row:  # several queries may retrieve the same example in one layer
+                    seen = found_in.setdefault(int(i), [])
+                    seen.extend([layer] if layer not in seen else [])
         candidates = np.array(sorted(found_in), dtype=np.int64)
         exact = {layer: sign * self.store.vectors(layer, candidates) @ self.store.prepare_queries(vectors[layer]).T
                  for layer in layers}  # (candidates, queries) per layer
         if agg == "mean":
             ids, values = aggregate("mean", scores=np.concatenate([s.T for s in exact.values()]))
-            ids = candidates[ids]
+            ids, values = candidates[ids], sign * values  # the mean influence: < 0 for opponents
         else:
             p = min(1.0, k / len(self)) if agg == "vote" else 0.2
             ids, values = aggregate(agg, lists=lists, n=len(self), p=p)

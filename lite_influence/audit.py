@@ -180,7 +180,7 @@ def _layer_sums(index, layer, vectors, subsets, aggs, vote_p):
     need_full = "mean" in aggs or "rank" in aggs
     full = queries @ index.store.vectors(layer).T if need_full else None  # (Q, N)
     if "vote" in aggs:
-        _, neighbours = index.store.search(layer, -vectors, vote_depth(len(index), vote_p))
+        neighbours = _nearest_opponents(index, layer, queries, vote_depth(len(index), vote_p))
     sums = {}
     for subset, mask in subsets.items():
         rows = np.flatnonzero(mask)
@@ -196,6 +196,22 @@ def _layer_sums(index, layer, vectors, subsets, aggs, vote_p):
             sums[subset]["vote"] = votes([neighbours[q] for q in rows], len(index), vote_p)
     cancel = ndr.cancellation_ratio(full) if full is not None and len(full) else float("nan")
     return sums, cancel
+
+
+def _nearest_opponents(index, layer: str, queries: np.ndarray, depth: int) -> np.ndarray:
+    """The ``depth`` most negative-influence examples per query, exactly as a full sort would
+    give them: FAISS retrieves a few more than needed in float32, then the candidates are
+    ordered by float64 inner products, ties by id (duplicate texts have identical vectors,
+    and FAISS breaks such ties arbitrarily)."""
+    n = len(index)
+    margin = min(n - depth, max(16, depth // 100))
+    _, candidates = index.store.search(layer, -queries, depth + margin)
+    result = np.empty((len(queries), depth), dtype=np.int64)
+    for q, ids in enumerate(candidates):
+        ids = ids[ids >= 0]
+        exact = index.store.vectors(layer, ids).astype(np.float64) @ queries[q].astype(np.float64)
+        result[q] = ids[np.lexsort((ids, exact))[:depth]]
+    return result
 
 
 def _combine(agg: str, parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

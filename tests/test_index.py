@@ -1,0 +1,165 @@
+"""The on-disk store: manifest round trip, stored vectors, search, atomic replacement, IVF."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lite_influence.api import InfluenceIndex, build_index
+from lite_influence.errors import UserError
+from lite_influence.index import IndexStore
+
+LAYERS = ["embeddings", "block0", "block1", "block2", "head"]
+
+
+def snapshot(folder):
+    """Every file under folder, by relative path, with its bytes."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def leftovers(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def brute_top_k(vectors, query, k):
+    """Scores and ids of the k largest inner products, in float64."""
+    scores = vectors.astype(np.float64) @ query.astype(np.float64)
+    ids = np.argsort(-scores, kind="stable")[:k]
+    return scores, ids
+
+
+def assert_same_top_k(found_scores, found_ids, reference_scores, k):
+    """Tie-aware: the returned ids are distinct, carry their true scores, best first, and those
+    scores are the k largest (ties may be broken either way)."""
+    assert len(set(found_ids.tolist())) == k and (found_ids >= 0).all()
+    np.testing.assert_allclose(found_scores, reference_scores[found_ids], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(found_scores, np.sort(reference_scores)[::-1][:k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture()
+def built(bert_dir, train_tsv, tmp_path):
+    return build_index(bert_dir, train_tsv, tmp_path / "index", projection="random", seed=0)
+
+
+def test_manifest_and_vectors_round_trip(built):
+    reopened = InfluenceIndex.open(built.path)
+    assert reopened.manifest == json.loads(json.dumps(built.manifest))
+    assert json.loads((built.path / "manifest.json").read_text()) == reopened.manifest
+    assert reopened.layers == LAYERS and len(reopened) == 12
+    assert sorted(f.name for f in (built.path / "layers").iterdir()) == sorted(f"{l}.faiss" for l in LAYERS)
+    ids = [7, 0, 11, 3]
+    for info in reopened.manifest["layers"]:
+        # a layer's dim is the sum of its units' k_in x k_out (block: 4 attention linears)
+        assert info["dim"] == sum(u["k_in"] * u["k_out"] for u in info["units"])
+        full = reopened.vectors(info["name"])
+        assert full.shape == (12, info["dim"]) and full.dtype == np.float32
+        part = reopened.vectors(info["name"], ids)
+        assert part.shape == (4, info["dim"])
+        np.testing.assert_array_equal(part, full[ids])
+        np.testing.assert_array_equal(full, built.vectors(info["name"]))
+        assert reopened.vectors(info["name"], []).shape == (0, info["dim"])
+    assert [len(l["units"]) for l in reopened.manifest["layers"]] == [1, 4, 4, 4, 1]
+    rows = [json.loads(line) for line in (built.path / "examples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(12)) and reopened.examples == rows
+    with pytest.raises(UserError, match="ids must be in"):
+        reopened.vectors("block0", [12])
+    with pytest.raises(UserError, match="unknown layer 'block9'"):
+        reopened.vectors("block9")
+
+
+def test_cosine_stores_unit_vectors_and_dot_stores_raw(bert_dir, train_tsv, tmp_path):
+    cosine = build_index(bert_dir, train_tsv, tmp_path / "cos", projection="random", metric="cosine")
+    dot = build_index(bert_dir, train_tsv, tmp_path / "dot", projection="random", metric="dot")
+    for layer in LAYERS:
+        unit = cosine.vectors(layer).astype(np.float64)
+        raw = dot.vectors(layer).astype(np.float64)
+        np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-5)
+        assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
+        np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_search_equals_brute_force(bert_dir, train_tsv, tmp_path, metric):
+    index = build_index(bert_dir, train_tsv, tmp_path / "index", projection="random", metric=metric)
+    store = IndexStore.open(index.path)
+    rng = np.random.default_rng(0)
+    near = {}
+    for layer in LAYERS:
+        vectors = store.vectors(layer)
+        queries = rng.normal(size=(3, vectors.shape[1])).astype(np.float32)
+        queries[2] = near[layer] = 3 * vectors[5] + 0.01 * queries[2]  # near a stored vector
+        for sign in (1.0, -1.0):  # -q: the bottom of the ranking (opponents)
+            for k in (1, 5, 12, 40):
+                scores, ids = store.search(layer, sign * queries, k)
+                assert scores.shape == ids.shape == (3, min(k, 12))
+                for row, q in enumerate(sign * queries):
+                    if metric == "cosine":
+                        q = q / np.linalg.norm(q)
+                    reference, _ = brute_top_k(vectors, q, k)
+                    assert_same_top_k(scores[row], ids[row], reference, min(k, 12))
+    if metric == "cosine":  # a query near example 5 finds it first
+        _, ids = store.search("block1", near["block1"][None], 1)
+        assert ids[0, 0] == 5
+
+
+def test_rebuild_replaces_the_index(bert_dir, train_tsv, tmp_path):
+    out = tmp_path / "index"
+    first = build_index(bert_dir, train_tsv, out, projection="random", seed=0)
+    old_vectors, old_files = first.vectors("block1"), snapshot(out)
+    second = build_index(bert_dir, train_tsv, out, projection="random", seed=1, proj_dim=4)
+    assert second.path == out and InfluenceIndex.open(out).manifest["seed"] == 1
+    assert InfluenceIndex.open(out).vectors("block1").shape == (12, 4 * 16)
+    assert old_vectors.shape == (12, 4 * 64) and snapshot(out) != old_files
+    assert leftovers(out) == []
+
+
+def bad_label_file(tmp_path, train_tsv):
+    bad = tmp_path / "bad.tsv"
+    lines = train_tsv.read_text().splitlines()
+    lines[7] = lines[7].rsplit("\t", 1)[0] + "\tneutral"
+    bad.write_text("\n".join(lines) + "\n")
+    return bad
+
+
+@pytest.mark.parametrize("failure", ["bad label", "faiss training", "interrupted"])
+def test_failed_build_leaves_previous_index_byte_identical(bert_dir, train_tsv, tmp_path, failure):
+    out = tmp_path / "index"
+    build_index(bert_dir, train_tsv, out, projection="random")
+    before = snapshot(out)
+    if failure == "bad label":
+        with pytest.raises(UserError, match="neutral"):
+            build_index(bert_dir, bad_label_file(tmp_path, train_tsv), out, projection="random", seed=3)
+    elif failure == "faiss training":  # fails after the gradient pass, while writing FAISS files
+        with pytest.raises(UserError, match="IVF64"):
+            build_index(bert_dir, train_tsv, out, projection="random", seed=3, index_factory="IVF64,Flat")
+    else:
+        def interrupt(stage, done, total):
+            if stage == "gradients":
+                raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            build_index(bert_dir, train_tsv, out, projection="random", seed=3, batch_size=4, progress=interrupt)
+    assert snapshot(out) == before
+    assert InfluenceIndex.open(out).manifest["seed"] == 0
+    # an interrupted build keeps its partial folder for --resume; a failed one removes it
+    assert leftovers(out) == ([f".{out.name}.partial"] if failure == "interrupted" else [])
+
+
+@pytest.mark.parametrize("factory", ["IVF2,Flat", "HNSW8"])
+def test_approximate_factories_reconstruct_and_search(bert_dir, train_tsv, tmp_path, factory):
+    flat = build_index(bert_dir, train_tsv, tmp_path / "flat", projection="random")
+    other = build_index(bert_dir, train_tsv, tmp_path / "other", projection="random", index_factory=factory)
+    store = IndexStore.open(other.path)
+    assert store.manifest["index_factory"] == factory
+    for layer in LAYERS:
+        vectors = store.vectors(layer)
+        np.testing.assert_allclose(vectors, flat.vectors(layer), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(store.vectors(layer, [4, 2]), vectors[[4, 2]])
+        # k = N must return every example: an IVF index probing one of its two lists alone
+        # would pad with -1, which vote and rank cannot use
+        query = -vectors[:2] + 0.01
+        scores, ids = store.search(layer, query, 12)
+        for row in range(2):
+            q = query[row] / np.linalg.norm(query[row])
+            assert_same_top_k(scores[row], ids[row], vectors.astype(np.float64) @ q, 12)

@@ -1,0 +1,142 @@
+"""Kronecker projections on synthetic gradients, against exact numpy/torch references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lite_influence.layers import Unit
+from lite_influence.projection import (eigen_side, from_arrays, pca_projector, random_projector,
+                                       random_side, to_arrays)
+
+
+def unit(name="block.q", kind="linear", n_in=12, n_out=10, bias=False):
+    """A synthetic unit; in_dim counts the bias feature, as discover_units does."""
+    return Unit(name, kind, "attention", 0, n_in + bias, n_out, bias, (f"{name}.weight",))
+
+
+def projected(projector, x, delta):
+    """phi = sum_t (R_out^T delta_t)(R_in^T x_t)^T, flattened, as gradients.py computes it."""
+    a = projector.project_input(x)
+    b = projector.project_output(delta)
+    return torch.einsum("to,ti->oi", b, a).flatten()
+
+
+def exact(x, delta, bias):
+    """G = sum_t delta_t x_t^T, with the bias's constant-1 input as the last column."""
+    if bias:
+        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    return delta.T @ x
+
+
+def test_random_side_is_seeded_by_seed_and_unit_name():
+    a = random_side(20, 4, seed=3, unit_name="block.q", side="in")
+    again = random_side(20, 4, seed=3, unit_name="block.q", side="in")
+    assert torch.equal(a.matrix, again.matrix) and a.matrix.shape == (20, 4)
+    for other in (random_side(20, 4, 4, "block.q", "in"), random_side(20, 4, 3, "block.k", "in"),
+                  random_side(20, 4, 3, "block.q", "out")):
+        assert not torch.allclose(a.matrix, other.matrix)
+    # the global torch RNG plays no part: another process (or query machine) regenerates it
+    torch.manual_seed(123)
+    assert torch.equal(random_side(20, 4, 3, "block.q", "in").matrix, a.matrix)
+    # k >= dim keeps the side exactly
+    assert random_side(4, 4, 3, "block.q", "in").matrix is None
+
+
+def test_random_projector_regenerates_identically():
+    u = unit(bias=True)
+    first, second = random_projector(u, 3, 7), random_projector(u, 3, 7)
+    assert torch.equal(first.inp.matrix, second.inp.matrix)
+    assert torch.equal(first.out.matrix, second.out.matrix)
+    assert first.dim == 9
+    # regenerated through from_arrays with nothing stored
+    again = from_arrays([u], 3, 7, {})[0]
+    assert torch.equal(again.inp.matrix, first.inp.matrix) and torch.equal(again.out.matrix, first.out.matrix)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_projection_equals_kronecker_formula(bias):
+    """phi = R_out^T G R_in for one seed, from the token-wise computation."""
+    g = torch.Generator().manual_seed(0)
+    x, delta = torch.randn(5, 12, generator=g), torch.randn(5, 10, generator=g)
+    p = random_projector(unit(bias=bias), 3, 11)
+    expected = p.out.matrix.T @ exact(x, delta, bias) @ p.inp.matrix
+    torch.testing.assert_close(projected(p, x, delta), expected.flatten(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_random_projection_inner_product_is_unbiased(bias):
+    """E<phi(a), phi(b)> = <G(a), G(b)> over seeds. The tolerance is 5 standard errors of the
+    seed mean, estimated from the same samples, so it follows the actual spread."""
+    g = torch.Generator().manual_seed(1)
+    xa, da = torch.randn(4, 12, generator=g, dtype=torch.float64), torch.randn(4, 10, generator=g, dtype=torch.float64)
+    xb = xa + 0.5 * torch.randn(4, 12, generator=g, dtype=torch.float64)  # correlated with a
+    db = da + 0.5 * torch.randn(4, 10, generator=g, dtype=torch.float64)
+    truth = float((exact(xa, da, bias) * exact(xb, db, bias)).sum())
+    u = unit(bias=bias)
+    samples = []
+    for seed in range(3000):
+        p = random_projector(u, 3, seed)
+        p.inp.matrix, p.out.matrix = p.inp.matrix.double(), p.out.matrix.double()
+        samples.append(float(projected(p, xa, da) @ projected(p, xb, db)))
+    samples = np.array(samples)
+    stderr = samples.std(ddof=1) / np.sqrt(samples.size)
+    assert abs(samples.mean() - truth) < 5 * stderr, (samples.mean(), truth, stderr)
+    assert stderr < 0.1 * abs(truth)  # the check has power: the spread is small against the truth
+
+
+def test_embedding_input_side_is_a_row_lookup():
+    u = Unit("emb", "embedding", "embeddings", None, 30, 8, False, ("emb.weight",))
+    p = random_projector(u, 4, 0)
+    tokens = torch.tensor([3, 7, 3, 29])
+    one_hot = torch.nn.functional.one_hot(tokens, 30).float()
+    torch.testing.assert_close(p.project_input(tokens), one_hot @ p.inp.matrix)
+
+
+def known_covariance(dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    values = np.array([9.0, 7.0, 5.0, 3.0, 2.0, 1.0, 0.5, 0.25])[:dim]
+    return torch.from_numpy(q @ np.diag(values) @ q.T), q, values
+
+
+def test_eigen_side_picks_top_eigenvectors_with_a_fixed_sign():
+    cov, q, values = known_covariance()
+    side = eigen_side(cov, 3)
+    assert side.matrix.shape == (8, 3) and side.matrix.dtype == torch.float32
+    np.testing.assert_allclose(side.eigenvalues.numpy(), values[:3], rtol=1e-5)
+    m = side.matrix.double().numpy()
+    for j in range(3):  # each column is +-q_j; the sign puts the largest entry positive
+        reference = q[:, j] * np.sign(q[np.argmax(np.abs(q[:, j])), j])
+        np.testing.assert_allclose(m[:, j], reference, atol=1e-5)
+        assert m[np.argmax(np.abs(m[:, j])), j] > 0
+    # the same subspace from a covariance built with flipped eigenvector signs: same matrix
+    flipped = q * np.array([-1, 1, -1, 1, 1, -1, 1, 1])
+    again = eigen_side(torch.from_numpy(flipped @ np.diag(values) @ flipped.T), 3)
+    torch.testing.assert_close(again.matrix, side.matrix, atol=1e-5, rtol=0)
+    assert torch.equal(eigen_side(cov, 3).matrix, side.matrix)
+    # k >= dim keeps the side exactly
+    assert eigen_side(cov, 8).matrix is None
+
+
+def test_pca_projector_round_trips_through_arrays():
+    u = unit(n_in=12, n_out=10, bias=True)
+    cov_in, _, _ = known_covariance(8, 1)
+    cov_in = torch.block_diag(cov_in, torch.eye(5, dtype=torch.float64))  # 13 = 12 + bias
+    cov_out, _, _ = known_covariance(8, 2)
+    cov_out = torch.block_diag(cov_out, torch.eye(2, dtype=torch.float64))
+    fitted = pca_projector(u, 3, 5, {"in": cov_in, "out": cov_out})
+    half = pca_projector(u, 3, 5, {"out": cov_out})  # input side random, as for embeddings
+    arrays = to_arrays([fitted])
+    assert set(arrays) == {"block.q/in", "block.q/in_eigenvalues", "block.q/out", "block.q/out_eigenvalues"}
+    arrays = {k: v.copy() for k, v in arrays.items()}  # as if read back from projection.npz
+    (back,) = from_arrays([u], 3, 5, arrays)
+    for a, b in ((fitted.inp, back.inp), (fitted.out, back.out)):
+        assert torch.equal(a.matrix, b.matrix) and torch.equal(a.eigenvalues, b.eigenvalues)
+    (back_half,) = from_arrays([u], 3, 5, to_arrays([half]))
+    assert torch.equal(back_half.out.matrix, half.out.matrix)
+    assert torch.equal(back_half.inp.matrix, random_side(13, 3, 5, "block.q", "in").matrix)
+    assert back_half.inp.eigenvalues is None
+    x, delta = torch.randn(4, 12), torch.randn(4, 10)
+    torch.testing.assert_close(projected(back, x, delta), projected(fitted, x, delta))
