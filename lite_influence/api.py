@@ -89,10 +89,9 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
         vectors, _, _ = layer_vectors(loaded, ordered, layers, encodings, examples.labels, batch)
         for name, matrix in matrices.items():
             matrix[batch] = vectors[name]
-        if number % 8 == 7 or number == len(batches) - 1:
-            for matrix in matrices.values():
-                matrix.flush()
-            writer.save_progress({**identity, "batches_done": number + 1})
+        for matrix in matrices.values():  # vectors reach the disk before the progress does
+            matrix.flush()
+        writer.save_progress({**identity, "batches_done": number + 1})
         progress("gradients", sum(len(b) for b in batches[: number + 1]), len(examples))
     writer.write_examples(_example_rows(examples))
     return _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, config,
@@ -141,6 +140,8 @@ def _example_rows(examples) -> list[dict]:
         if examples.pairs is not None:
             entry["pair"] = examples.pairs[i]
         entry["label"] = examples.labels[i]
+        if "id" in row:  # the input's own key; ours is the row number
+            entry["input_id"] = row["id"]
         entry.update({k: v for k, v in row.items() if k not in entry and k not in examples.used_columns})
         rows.append(entry)
     return rows
@@ -401,4 +402,10 @@ def _load_session(manifest: dict, store: IndexStore, model_path):
             raise UserError(f"the model has no unit {exc}; it is not the model of this index.") from exc
     units = [u for us in layers.values() for u in us]
     projectors = from_arrays(units, build.proj_dim, build.seed, store.projection_arrays())
+    dims = {p.unit.name: p.dim for p in projectors}
+    for layer in manifest["layers"]:
+        if sum(dims[u["name"]] for u in layer["units"]) != layer["dim"]:
+            raise UserError(f"{store.path / 'manifest.json'} says layer {layer['name']} has dim "
+                            f"{layer['dim']}, its projection gives {sum(dims[u['name']] for u in layer['units'])}; "
+                            "the manifest was edited or damaged: rebuild the index.")
     return loaded, projectors, layers

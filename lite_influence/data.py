@@ -272,9 +272,23 @@ def load_examples(path, *, text_col=None, pair_col=None, label_col=None,
     labels = None
     if label_col is not None:
         labels = [_row_label(r[label_col], label2id, i, label_col, path) for i, r in enumerate(rows, start=1)]
+    _check_unique_ids(rows, columns, path)
     used = tuple(c for c in (text_col, pair_col, label_col) if c is not None)
     return Examples(texts=texts, pairs=pairs, labels=labels, rows=rows, columns=list(columns),
                     used_columns=used)
+
+
+def _check_unique_ids(rows: list[dict], columns: list[str], path) -> None:
+    """An ``id`` column is the user's key for joining results back: it must name one row."""
+    if "id" not in columns:
+        return
+    first: dict = {}
+    for number, row in enumerate(rows, start=1):
+        key = row.get("id")
+        if key in first:
+            raise UserError(f"id {key!r} appears in rows {first[key]} and {number} of {path}; "
+                            "ids must be unique (rename the column if it is not a key).")
+        first[key] = number
 
 
 def _given_column(columns: list[str], name: str, flag: str, path) -> str:

@@ -80,8 +80,8 @@ class IndexStore:
         try:
             manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
             version = int(manifest["format_version"])
-            manifest["layers"], manifest["n"]
-        except (ValueError, KeyError, TypeError) as exc:
+            _check_manifest(manifest)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UserError(f"{root / MANIFEST} is damaged ({exc}); rebuild the index.") from exc
         if version > FORMAT_VERSION:
             raise UserError(f"index '{path}' has format {version}, newer than this lite-influence "
@@ -124,6 +124,9 @@ class IndexStore:
         if index.d != info["dim"] or index.ntotal != self.n:
             raise UserError(f"index file {file} holds {index.ntotal} vectors of dim {index.d}, the "
                             f"manifest says {self.n} of dim {info['dim']}; rebuild the index.")
+        if isinstance(index, faiss.IndexFlat) and not np.isfinite(faiss.rev_swig_ptr(
+                index.get_xb(), index.ntotal * index.d)).all():
+            raise UserError(f"index file {file} holds NaN or infinite values; rebuild the index.")
         return index
 
     def vectors(self, layer: str, ids=None) -> np.ndarray:
@@ -183,6 +186,19 @@ def _ivf(index):
         return None
 
 
+def _check_manifest(manifest: dict) -> None:
+    """The fields a query trusts, checked once, so a hand-edited manifest fails with its name
+    rather than deep inside a search."""
+    if manifest["metric"] not in METRICS:
+        raise ValueError(f"metric {manifest['metric']!r} is not one of {', '.join(METRICS)}")
+    if int(manifest["n"]) < 1:
+        raise ValueError(f"n is {manifest['n']}")
+    for layer in manifest["layers"]:
+        if not isinstance(layer["name"], str) or int(layer["dim"]) < 1:
+            raise ValueError(f"layer entry {layer!r}")
+    manifest["label_names"], manifest["model"]["fingerprint"], manifest["build"]
+
+
 def _make_reconstructable(index) -> None:
     """IVF indexes reconstruct only through a direct map; build it on first use."""
     ivf = _ivf(index)
@@ -220,7 +236,7 @@ class IndexWriter:
         """The layer's (n x dim) float32 matrix on disk, created or reopened for resuming."""
         file = self.partial / "vectors" / f"{layer}.npy"
         if file.is_file():
-            matrix = np.load(file, mmap_mode="r+")
+            matrix = np.load(file, mmap_mode="r+", allow_pickle=False)
             if matrix.shape == (n, dim):
                 return matrix
         return np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=(n, dim))
@@ -247,7 +263,7 @@ class IndexWriter:
         for number, layer in enumerate(manifest["layers"]):
             if on_layer:
                 on_layer(number, len(manifest["layers"]))
-            vectors = np.load(self.partial / "vectors" / f"{layer['name']}.npy", mmap_mode="r")
+            vectors = np.load(self.partial / "vectors" / f"{layer['name']}.npy", mmap_mode="r", allow_pickle=False)
             index = make_faiss_index(np.asarray(vectors), manifest["metric"], manifest["index_factory"])
             faiss_module().write_index(index, str(self.partial / "layers" / f"{layer['name']}.faiss"))
         shutil.rmtree(self.partial / "vectors")

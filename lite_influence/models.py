@@ -91,11 +91,20 @@ def load_model(path: str | Path, task: str | None = None, num_labels: int | None
     return LoadedModel(model, tokenizer, task, str(folder))
 
 
+def token_limit(loaded: LoadedModel, max_length: int) -> int:
+    """--max-length, but never past what the model has position embeddings for (a longer
+    input would crash the forward pass instead of being truncated)."""
+    limits = [max_length, getattr(loaded.tokenizer, "model_max_length", None),
+              getattr(loaded.model.config, "max_position_embeddings", None),
+              getattr(loaded.model.config, "n_positions", None)]
+    return min(int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000)
+
+
 def encode(loaded: LoadedModel, texts: list[str], pairs: list[str] | None,
            max_length: int) -> list[dict[str, list[int]]]:
     """Tokenised examples, truncated but not padded (each batch pads to its own longest)."""
     args = (texts, pairs) if pairs is not None else (texts,)
-    encoded = loaded.tokenizer(*args, truncation=True, max_length=max_length)
+    encoded = loaded.tokenizer(*args, truncation=True, max_length=token_limit(loaded, max_length))
     keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
     return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
 

@@ -364,12 +364,12 @@ def interrupt_after(examples):
     return progress
 
 
-@pytest.mark.parametrize("batch_size, stop_after, saved", [(4, 4, 0), (1, 9, 8)])
+@pytest.mark.parametrize("batch_size, stop_after, saved", [(4, 4, 4), (1, 9, 9)])
 def test_resumed_build_equals_uninterrupted(bert_dir, train_tsv, tmp_path, batch_size, stop_after, saved):
-    """Interrupted after the first batch (nothing saved yet: the resume starts over) or after
-    nine one-example batches (progress.json is written every 8 batches: it resumes at the
-    ninth, with the eigenbasis read back from the partial folder, not refitted). Either way
-    the vectors equal an uninterrupted build's bit for bit."""
+    """Interrupted after the first batch of four or after nine one-example batches
+    (progress.json is written after every batch): the build resumes after the last saved
+    batch, with the eigenbasis read back from the partial folder, not refitted, and the
+    vectors equal an uninterrupted build's bit for bit."""
     options = dict(projection="pca", batch_size=batch_size, seed=2, limit=10, fit_examples=6)
     reference = build_index(bert_dir, train_tsv, tmp_path / "reference", **options)
     out = tmp_path / "index"

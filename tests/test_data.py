@@ -24,7 +24,7 @@ from lite_influence.data import (
 )
 from lite_influence.errors import UserError
 
-SST2_TEST = Path("/work/shared/data/sst2/test.tsv")
+SST2_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "test.tsv"  # beside the checkout
 L2ID = {"negative": 0, "positive": 1}
 
 

@@ -1,6 +1,7 @@
-"""The command line: the one-line error contract for bad inputs (exit 1, one line on stderr
-naming the problem, no traceback, the index left byte-identical), JSON output, clamping, and
-two queries of one index at once.
+"""The command line's contract with bad input: exit 1, one line on stderr naming the problem
+and the fix, no traceback, and every existing index or folder byte-identical afterwards.
+Also: a build killed with SIGKILL leaves the previous index intact and resumes bit for bit,
+two queries of one index at once, JSON output, clamping, and safe file loaders only.
 
 Commands run in-process through ``lite_influence.cli.main`` (which owns the exit codes), a
 few through ``python -m lite_influence``."""
@@ -196,9 +197,57 @@ AUDIT_CASES = [
 ]
 
 
+def _nan_faiss(c):
+    """A layer file of the right dim and size whose vectors are NaN."""
+    import faiss
+    import numpy as np
+
+    manifest = json.loads((c["copy"] / "manifest.json").read_text())
+    layer = next(l for l in manifest["layers"] if l["name"] == "block1")
+    index = faiss.IndexFlatIP(layer["dim"])
+    index.add(np.full((manifest["n"], layer["dim"]), np.nan, np.float32))
+    faiss.write_index(index, str(c["copy"] / "layers" / "block1.faiss"))
+    return _query(c, "--text", "x"), None
+
+
+def _train(c, train, *extra, out=None):
+    return ["-q", "train", c["model"], train, "--out", out or c["copy"], "--epochs", "1", *extra]
+
+
+def _three_classes(c):
+    return _train(c, write(c["tmp"] / "t.tsv", "sentence\tlabel\ngood\t0\nbad\t1\nfine\t2\n"),
+                  out=c["tmp"] / "model-out"), None
+
+
+MORE_CASES = [
+    ("build", "duplicate ids", lambda c: (_build(c, write(c["tmp"] / "t.tsv", "id\tsentence\tlabel\na\tgood\t1\nb\tbad\t0\na\tfine\t1\n")), None),
+     ["'a'", "rows 1 and 3", "unique"]),
+    ("build", "read-only --out", lambda c: (_build(c, c["train"], out=Path("/proc/lite-influence-index")), None),
+     ["cannot write", "/proc/lite-influence-index"]),
+    ("build", "batch size zero", lambda c: (_build(c, c["train"], "--batch-size", "0"), None), ["--batch-size", "at least 1"]),
+    ("query", "NaN in a FAISS file", _nan_faiss, ["block1.faiss", "NaN", "rebuild"]),
+    ("query", "manifest edited by hand: unknown metric", lambda c: (edit_manifest(c["copy"], lambda m: m.update(metric="l2"))
+                                                                   or _query(c, "--text", "x"), None),
+     ["manifest.json", "metric", "'l2'"]),
+    ("query", "manifest edited by hand: layer dim", lambda c: (edit_manifest(c["copy"], lambda m: m["layers"][1].update(dim=7))
+                                                              or _query(c, "--text", "x"), None),
+     ["manifest.json", "block0", "dim 7", "rebuild"]),
+    ("info", "index folder missing", lambda c: (["info", c["tmp"] / "no-index"], None), ["no-index", "does not exist"]),
+    ("info", "folder is not an index", lambda c: (["info", c["tmp"]], None), ["not a lite-influence index"]),
+    ("train", "noise outside [0, 1)", lambda c: (_train(c, c["train"], "--noise", "1.5", out=c["tmp"] / "m"), None),
+     ["--noise", "1.5"]),
+    ("train", "more classes than the head", _three_classes, ["3 classes", "2 classes", "--num-labels"]),
+    ("train", "eval file with an unseen label", lambda c: (_train(c, c["train"], "--eval-file",
+                                                                 write(c["tmp"] / "e.tsv", "sentence\tlabel\ngood\tneutral\n"),
+                                                                 out=c["tmp"] / "m"), None), ["'neutral'", "e.tsv"]),
+    ("train", "--out exists", lambda c: (_train(c, c["train"]), None), ["exists", "--force"]),
+]
+
+
 @pytest.mark.parametrize("make, words", [pytest.param(m, w, id=f"{cmd}: {n}") for cmd, cases in
                                          (("build", BUILD_CASES), ("query", QUERY_CASES), ("audit", AUDIT_CASES))
-                                         for n, m, w in cases])
+                                         for n, m, w in cases] +
+                         [pytest.param(m, w, id=f"{cmd}: {n}") for cmd, n, m, w in MORE_CASES])
 def test_bad_input_is_one_line_exit_1_and_changes_nothing(capsys, case, make, words):
     args, protected = make(case)
     protected = protected or case["copy"]
@@ -311,3 +360,67 @@ def test_two_queries_of_one_index_at_once(env):
         assert len(json.loads(out)["proponents"]) == 3
     assert [json.loads(out)["query"]["text"] for out, _ in results] == ["good film", "awful plot"]
     assert snapshot(env["index"]) == before
+
+
+def test_a_table_of_at_least_twenty_bad_inputs():
+    assert len(BUILD_CASES) + len(QUERY_CASES) + len(AUDIT_CASES) + len(MORE_CASES) >= 20
+
+
+def test_over_long_text_is_truncated_not_refused(capsys, tmp_path, env):
+    long_text = " ".join(WORDS * 20_000)  # about 1 MB, far past --max-length
+    train = write(tmp_path / "long.tsv", f"sentence\tlabel\n{long_text}\t1\ngood film\t0\n")
+    code, _, err = run(capsys, "-q", "build", env["model"], train, "--out", tmp_path / "idx", "--projection", "random")
+    assert code == 0, err
+    stored = [json.loads(line) for line in (tmp_path / "idx" / "examples.jsonl").read_text().splitlines()]
+    assert stored[0]["text"] == long_text
+
+
+def test_kill_9_mid_build_keeps_the_old_index_and_resume_matches(env, tmp_path):
+    """SIGKILL a real build process once it has saved progress: the index already at --out is
+    untouched; `build --resume` then finishes, equal bit for bit to an uninterrupted build."""
+    import numpy as np
+    import time
+
+    from lite_influence import InfluenceIndex
+
+    rows = [f"{' '.join(WORDS[i % 7:i % 7 + 4 + i % 5])} {i}\t{i % 2}" for i in range(400)]
+    train = write(tmp_path / "big.tsv", "sentence\tlabel\n" + "\n".join(rows) + "\n")
+    args = ["-q", "build", env["model"], train, "--batch-size", "1", "--projection", "random"]
+    out = tmp_path / "index"
+    shutil.copytree(env["index"], out)
+    before = snapshot(out)
+    proc = subprocess.Popen(cli(*args, "--out", out, "--force"), cwd=REPO, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    progress = tmp_path / ".index.partial" / "progress.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file() and json.loads(progress.read_text())["batches_done"] >= 20:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the build ended before it could be killed: {proc.stderr.read()}"
+    proc.kill()
+    proc.wait()
+    assert snapshot(out) == before
+    done = json.loads(progress.read_text())["batches_done"]
+    assert 20 <= done < 400
+    resumed = subprocess.run(cli(*args, "--out", out, "--force", "--resume"), cwd=REPO, capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    reference = subprocess.run(cli(*args, "--out", tmp_path / "reference"), cwd=REPO, capture_output=True,
+                               text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert reference.returncode == 0, reference.stderr
+    a, b = InfluenceIndex.open(out), InfluenceIndex.open(tmp_path / "reference")
+    assert a.layers == b.layers and len(a) == 400
+    for layer in a.layers:
+        assert np.array_equal(a.vectors(layer), b.vectors(layer)), layer
+
+
+def test_user_files_are_read_with_safe_loaders_only():
+    """No pickle: numpy loads refuse objects, torch.load (if ever used) takes weights only."""
+    import re
+
+    for path in (REPO / "lite_influence").rglob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"\bpickle\b|allow_pickle=True|torch\.load\(", source), path
+        for call in re.findall(r"np\.load\([^)]*\)", source):
+            assert "allow_pickle=False" in call, (path, call)
