@@ -140,6 +140,7 @@ def train(
     lora_alpha: Optional[float] = _opt(TrainConfig, "lora_alpha"),
     weight_decay: float = _opt(TrainConfig, "weight_decay"),
     num_labels: Optional[int] = _opt(TrainConfig, "num_labels"),
+    label_names: Optional[str] = _opt(TrainConfig, "label_names"),
     limit: Optional[int] = _opt(TrainConfig, "limit"),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the training history as JSON."),
@@ -150,7 +151,8 @@ def train(
     config = TrainConfig(text_col=text_col, pair_col=pair_col, label_col=label_col, noise=noise, seed=seed,
                          epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
                          eval_file=str(eval_file) if eval_file else None, lora_rank=lora_rank,
-                         lora_alpha=lora_alpha, weight_decay=weight_decay, num_labels=num_labels, limit=limit)
+                         lora_alpha=lora_alpha, weight_decay=weight_decay, num_labels=num_labels,
+                         label_names=label_names, limit=limit)
     with _progress() as progress:
         result = train_model(model, train_file, out, config, force=force, progress=progress)
     if as_json:

@@ -96,6 +96,7 @@ class TrainConfig:
     lora_alpha: float | None = option(None, "LoRA scaling alpha (default 2 x --lora-rank).")
     weight_decay: float = option(0.01, "AdamW weight decay, applied to weight matrices (not to biases or norms).")
     num_labels: int | None = option(None, "Classes of a newly initialised head, when the model folder has none (default 2).")
+    label_names: str | None = option(None, "Names of the classes, comma-separated in id order (e.g. negative,positive): shown in every table and accepted as labels.")
     limit: int | None = option(None, "Train on only the first N rows of the training file.")
 
     def to_dict(self) -> dict:

@@ -109,6 +109,7 @@ def run_demo(folder: str | Path, *, n_train: int = 400, noise: float = 0.2, epoc
     data = write_demo_data(folder / "data", n_train, 100, 100, seed)
     trained = train_model(pretrained_model(), data["train"], folder / "model", noise=noise, epochs=epochs,
                           max_length=32, batch_size=16, lr=1e-4, eval_file=str(data["eval"]),
+                          label_names=",".join(LABEL_NAMES),
                           seed=seed, force=True, progress=progress)
     lap("train")
     used = next((folder / "model").glob("train_used.*"))

@@ -57,7 +57,7 @@ def detect_task(config) -> str:
 
 
 def load_model(path: str | Path, task: str | None = None, num_labels: int | None = None,
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, label_names: list[str] | None = None) -> LoadedModel:
     """Model and tokenizer from a folder (no hub). A base encoder without a classification
     head gets a new head of ``num_labels`` (default 2), initialised from ``seed`` so that the
     build and every later query see the same head."""
@@ -75,6 +75,9 @@ def load_model(path: str | Path, task: str | None = None, num_labels: int | None
         if task not in TASKS:
             raise UserError(f"task '{task}' is not supported yet; supported: {', '.join(TASKS)}")
         kwargs = {"num_labels": num_labels} if num_labels else {}
+        if label_names:  # names for the classes (shown in tables, accepted as labels)
+            kwargs = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                      "label2id": {name: i for i, name in enumerate(label_names)}}
         torch.manual_seed(seed)
         model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)

@@ -123,7 +123,11 @@ def train_model(model: str | Path, train_file: str | Path, out: str | Path,
         if path is not None and not Path(path).exists():
             raise UserError(f"the {name} file '{path}' does not exist; check the path.")
 
-    loaded = load_model(model, num_labels=config.num_labels, seed=config.seed)
+    names = [n.strip() for n in config.label_names.split(",")] if config.label_names else None
+    if names and config.num_labels and len(names) != config.num_labels:
+        raise UserError(f"--label-names gives {len(names)} names but --num-labels is {config.num_labels}; "
+                        "pass one name per class.")
+    loaded = load_model(model, num_labels=config.num_labels, seed=config.seed, label_names=names)
     if loaded.num_labels < 2:
         raise UserError(f"the model's head has {loaded.num_labels} output but a classifier needs at "
                         "least 2 classes; pass --num-labels 2 or more for a model folder without a head.")

@@ -7,7 +7,6 @@ saved folder with ``load_model`` and one example per forward pass (no padding, n
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
 import shutil
@@ -33,32 +32,10 @@ FAST = dict(lr=1e-2, batch_size=4)  # a tiny random BERT needs a large step to l
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine the spin-waits of a second
-    thread made these tests 3x slower; restored for the other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-
 @pytest.fixture(scope="module")
-def word_bert(bert_dir, tmp_path_factory):
-    """bert_dir's model with a tokenizer that knows the words. conftest builds its tokenizer
-    with ``vocab_file=``, which transformers 5 ignores (the argument is ``vocab=``), so there
-    every word is [UNK] and no rule about words can be learned."""
-    folder = tmp_path_factory.mktemp("word-bert")
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(bert_dir / name, folder / name)
-    vocab = str(bert_dir / "vocab.txt")
-    takes_vocab = "vocab" in inspect.signature(transformers.BertTokenizerFast.__init__).parameters
-    tokenizer = (transformers.BertTokenizerFast(vocab=vocab) if takes_vocab  # transformers 5
-                 else transformers.BertTokenizerFast(vocab_file=vocab))
-    tokenizer.save_pretrained(folder)
-    assert transformers.AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids("good") != tokenizer.unk_token_id
-    return folder
+def word_bert(bert_dir):
+    """The tiny BERT of conftest, whose word-level tokenizer lets a rule about words be learned."""
+    return bert_dir
 
 
 def rule_rows(n: int, seed: int, invert: bool = False, names: bool = False) -> list[dict]:
@@ -347,3 +324,12 @@ def test_interrupted_run_leaves_out_untouched(word_bert, train_tsv, existing_out
     with pytest.raises(error):
         train_model(word_bert, train_tsv, existing_out, epochs=1, batch_size=2, force=True, progress=progress)
     assert snapshot(existing_out) == before and siblings(existing_out) == []
+
+
+def test_label_names_name_the_new_head(word_bert, rule_data, tmp_path):
+    result = train_model(word_bert, rule_data["train"], tmp_path / "named", epochs=1,
+                         label_names="bad,good", **FAST)
+    assert load_model(result.out).label2id == {"bad": 0, "good": 1}
+    with pytest.raises(UserError, match="2 names but --num-labels is 3"):
+        train_model(word_bert, rule_data["train"], tmp_path / "x", label_names="bad,good", num_labels=3)
+    assert not (tmp_path / "x").exists()
