@@ -2,6 +2,14 @@
 
 This is the only module that knows both. torch and transformers are imported inside the
 functions that need them, so that opening an index, ``info`` and reading vectors start fast.
+
+Causal LMs (``task`` causal-lm): training rows are prompt + completion (``data.load_lm_examples``),
+``examples.jsonl`` stores ``text`` (the prompt) and ``completion`` and no label, and the
+manifest has no label names. A query is a prompt with a completion; without one, the model's
+greedy continuation (``max_new_tokens``) is what is explained, and the result says which
+(``completion``, ``completion_source``: given or greedy). A query counts as "predicted
+correctly" (``QueryGradients.correct``, the audit's -c variants) when the teacher-forced argmax
+of every completion token is that token.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import numpy as np
 from . import __version__
 from .aggregate import AGGREGATIONS, aggregate
 from .config import AuditConfig, BuildConfig, QueryConfig
-from .data import fingerprint_file, load_examples
+from .data import fingerprint_file, load_examples, load_lm_examples
 from .errors import UserError
 from .index import FORMAT_VERSION, METRICS, IndexStore, IndexWriter, check_factory
 
@@ -34,6 +42,8 @@ def _check(config: BuildConfig) -> None:
     for name in ("proj_dim", "batch_size", "max_length", "fit_examples"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.exact_max < 0:
+        raise UserError(f"--exact-max must be 0 or more, got {config.exact_max}")
     if config.limit is not None and config.limit < 1:
         raise UserError(f"--limit must be at least 1, got {config.limit}")
     check_factory(config.index_factory)
@@ -68,12 +78,20 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
     from .layers import assign_layers, discover_units, select_units
     from .models import encode, load_model, model_fingerprint
 
-    loaded = load_model(model_dir, num_labels=config.num_labels, seed=config.seed)
-    examples = load_examples(train_file, text_col=config.text_col, pair_col=config.pair_col,
-                             label_col=config.label_col, label2id=loaded.label2id, limit=config.limit)
+    loaded = load_model(model_dir, task=config.task, num_labels=config.num_labels, seed=config.seed)
+    if loaded.task == "causal-lm":
+        if config.pair_col is not None:
+            raise UserError("a causal language model takes a prompt and a completion, not a text pair; "
+                            "drop --pair-col and pass --completion-col.")
+        examples = load_lm_examples(train_file, text_col=config.text_col, completion_col=config.completion_col,
+                                    label_col=config.label_col, limit=config.limit)
+    else:
+        examples = load_examples(train_file, text_col=config.text_col, pair_col=config.pair_col,
+                                 label_col=config.label_col, label2id=loaded.label2id, limit=config.limit)
     units = select_units(discover_units(loaded.model), config.layers)
     layers = assign_layers(units, config.granularity)
-    encodings = encode(loaded, examples.texts, examples.pairs, config.max_length)
+    encodings = encode(loaded, examples.texts, examples.pairs, config.max_length,
+                       completions=examples.completions, source=f" of {train_file}")
     batches = length_batches([len(e["input_ids"]) for e in encodings], config.batch_size)
     identity = {"config": config.to_dict(), "model": model_fingerprint(model_dir),
                 "data": fingerprint_file(train_file), "n": len(examples)}
@@ -111,12 +129,14 @@ def _resume_point(writer: IndexWriter, identity: dict) -> int:
 
 def _projectors(loaded, writer, units, encodings, labels, config, progress, done) -> dict:
     from .gradients import fit_covariances, length_batches
-    from .projection import from_arrays, pca_fits, pca_projector, random_projector, to_arrays
+    from .projection import from_arrays, pca_fits, pca_projector, random_projector, to_arrays, unit_k
 
     if config.projection == "random":
-        return {u.name: random_projector(u, config.proj_dim, config.seed) for u in units}
+        return {u.name: random_projector(u, unit_k(u, config.proj_dim, config.exact_max), config.seed)
+                for u in units}
     if done:  # resuming: the eigenbasis was fitted and saved before the first batch
-        saved = from_arrays(units, config.proj_dim, config.seed, writer.read_projection())
+        saved = from_arrays(units, config.proj_dim, config.seed, writer.read_projection(), fitted=True,
+                            exact_max=config.exact_max)
         return {p.unit.name: p for p in saved}
     sample = np.random.default_rng(config.seed).permutation(len(encodings))[: config.fit_examples]
     lengths = [len(encodings[i]["input_ids"]) for i in sample]
@@ -128,7 +148,8 @@ def _projectors(loaded, writer, units, encodings, labels, config, progress, done
         progress("fit", fitted_count[0], len(sample))
 
     covariances = fit_covariances(loaded, units, encodings, labels, batches, pca_fits, on_batch)
-    projectors = [pca_projector(u, config.proj_dim, config.seed, covariances[u.name]) for u in units]
+    projectors = [pca_projector(u, unit_k(u, config.proj_dim, config.exact_max), config.seed,
+                                covariances[u.name]) for u in units]
     writer.write_projection(to_arrays(projectors))
     return {p.unit.name: p for p in projectors}
 
@@ -139,7 +160,10 @@ def _example_rows(examples) -> list[dict]:
         entry = {"id": i, "text": examples.texts[i]}
         if examples.pairs is not None:
             entry["pair"] = examples.pairs[i]
-        entry["label"] = examples.labels[i]
+        if examples.completions is not None:
+            entry["completion"] = examples.completions[i]
+        else:
+            entry["label"] = examples.labels[i]
         if "id" in row:  # the input's own key; ours is the row number
             entry["input_id"] = row["id"]
         entry.update({k: v for k, v in row.items() if k not in entry and k not in examples.used_columns})
@@ -158,7 +182,8 @@ def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims,
         "format_version": FORMAT_VERSION,
         "lite_influence_version": __version__,
         "model": {"path": str(model_dir.resolve()), "fingerprint": identity["model"],
-                  "task": loaded.task, "architecture": type(loaded.model).__name__},
+                  "task": loaded.task, "architecture": type(loaded.model).__name__,
+                  **({"adapter": "lora", "base": str(Path(loaded.base).resolve())} if loaded.base else {})},
         "tokenizer": str(model_dir.resolve()),
         "label_names": [loaded.model.config.id2label[i] for i in range(loaded.num_labels)],
         "n": len(examples),
@@ -254,11 +279,18 @@ class InfluenceIndex:
             self._session = _load_session(self.manifest, self.store, self._model_path)
         return self._session
 
+    @property
+    def task(self) -> str:
+        return self.manifest["model"].get("task", "classification")
+
     def gradients(self, texts: list[str], pairs: list[str] | None = None,
-                  labels: list | None = None, batch_size: int = 16) -> "QueryGradients":
+                  labels: list | None = None, batch_size: int = 16, *,
+                  completions: list | None = None, max_new_tokens: int = 20) -> "QueryGradients":
         """Projected per-layer gradients of queries, with the index's model and projection.
 
         A label of None means the model's predicted label (what "why did it say this?" asks).
+        Causal LM: ``texts`` are prompts, ``completions`` their completions; a completion of
+        None means the model's greedy continuation of up to ``max_new_tokens`` tokens.
         """
         from .data import label_id
         from .gradients import layer_vectors, length_batches
@@ -266,6 +298,9 @@ class InfluenceIndex:
 
         loaded, projectors, layers = self._model()
         build = BuildConfig.from_dict(self.manifest["build"])
+        if self.task == "causal-lm":
+            return self._lm_gradients(loaded, projectors, layers, build, texts, completions,
+                                      batch_size, max_new_tokens)
         encodings = encode(loaded, texts, pairs, build.max_length)
         given = labels or [None] * len(texts)
         predicted = predict(loaded, encodings, batch_size)
@@ -281,15 +316,44 @@ class InfluenceIndex:
             losses[batch], logits[batch] = batch_losses, batch_logits
         return QueryGradients(vectors, np.array(used), predicted, losses, logits)
 
+    def _lm_gradients(self, loaded, projectors, layers, build, texts, completions, batch_size,
+                      max_new_tokens) -> "QueryGradients":
+        from .gradients import layer_vectors, length_batches
+        from .models import encode, greedy_completions
+
+        given = list(completions) if completions is not None else [None] * len(texts)
+        if len(given) != len(texts):
+            raise UserError(f"{len(texts)} prompts but {len(given)} completions; give one completion per prompt.")
+        missing = [i for i, c in enumerate(given) if c is None]
+        generated = greedy_completions(loaded, [texts[i] for i in missing], max_new_tokens, build.max_length)
+        for i, ids in zip(missing, generated):
+            given[i] = ids
+        encodings = encode(loaded, texts, None, build.max_length, completions=given,
+                           source="" if len(texts) == 1 else " of the queries")
+        vectors = {name: np.zeros((len(texts), self.store.layer_info(name)["dim"]), np.float32) for name in layers}
+        losses, tokens = np.zeros(len(texts)), np.zeros((len(texts), 2), np.int64)
+        for batch in length_batches([len(e["input_ids"]) for e in encodings], batch_size):
+            batch_vectors, batch_losses, batch_tokens = layer_vectors(loaded, projectors, layers, encodings, None, batch)
+            for name in layers:
+                vectors[name][batch] = batch_vectors[name]
+            losses[batch], tokens[batch] = batch_losses, batch_tokens
+        texts_used = [c if isinstance(c, str) else loaded.tokenizer.decode(c) for c in given]
+        sources = ["greedy" if i in set(missing) else "given" for i in range(len(texts))]
+        none = np.full(len(texts), -1)
+        return QueryGradients(vectors, none, none, losses, np.zeros((len(texts), 0)),
+                              completions=texts_used, completion_sources=sources, tokens=tokens)
+
     # -- lookup ---------------------------------------------------------------------------
 
     def query(self, text: str | list[str], pair: str | list[str] | None = None, label=None,
-              config: QueryConfig | None = None, **options) -> dict:
+              config: QueryConfig | None = None, *, completion: str | list | None = None, **options) -> dict:
         """Top-k proponents and opponents of one query (or of several, aggregated together).
 
         A row's ``score`` is its aggregate: votes (vote), mean rank (rank) or mean influence
         (mean: positive for proponents, negative for opponents); ``per_layer`` holds each
-        layer's influence, averaged over the queries.
+        layer's influence, averaged over the queries. Causal LM: ``text`` is the prompt and
+        ``completion`` what to explain (None: the model's greedy continuation, reported in
+        ``query["completion"]``).
         """
         config = replace(config or QueryConfig(), **options)
         if config.agg not in AGGREGATIONS:
@@ -301,7 +365,12 @@ class InfluenceIndex:
         labels = label if isinstance(label, list) else [label] * len(texts)
         layers = self.resolve_layers(config.layers)
         k = min(config.k, len(self))
-        grads = self.gradients(texts, pairs, labels, config.batch_size)
+        if self.task == "causal-lm":
+            completions = [completion] * len(texts) if not isinstance(completion, list) else completion
+            grads = self.gradients(texts, batch_size=config.batch_size, completions=completions,
+                                   max_new_tokens=config.max_new_tokens)
+        else:
+            grads = self.gradients(texts, pairs, labels, config.batch_size)
         queries = [self._describe_query(grads, i, texts, pairs) for i in range(len(texts))]
         result = {"query": queries[0], "queries": queries, "prediction": queries[0]["prediction"],
                   "agg": config.agg, "metric": self.store.metric, "layers": layers, "k": k,
@@ -311,6 +380,12 @@ class InfluenceIndex:
         return result
 
     def _describe_query(self, grads, i, texts, pairs) -> dict:
+        if grads.completions is not None:
+            n, hits = (int(x) for x in grads.tokens[i])
+            return {"text": texts[i], "pair": None, "completion": grads.completions[i],
+                    "completion_source": grads.completion_sources[i], "completion_tokens": n,
+                    "greedy_tokens_matched": hits, "label": None, "label_name": None,
+                    "loss": float(grads.losses[i]), "prediction": None}
         names = self.manifest["label_names"]
         probabilities = np.exp(grads.logits[i] - grads.logits[i].max())
         probabilities /= probabilities.sum()
@@ -348,10 +423,11 @@ class InfluenceIndex:
             j = position[int(i)]
             rows.append({"id": int(i), "score": float(value), "label": example.get("label"),
                          "text": example.get("text"), "pair": example.get("pair"),
+                         **({"completion": example["completion"]} if "completion" in example else {}),
                          "per_layer": {layer: float(sign * exact[layer][j].mean()) for layer in layers},
                          "retrieved_in": found_in[int(i)],
                          "extra": {key: v for key, v in example.items()
-                                   if key not in ("id", "text", "pair", "label")}})
+                                   if key not in ("id", "text", "pair", "label", "completion")}})
         return rows
 
     # -- audit ----------------------------------------------------------------------------
@@ -373,26 +449,31 @@ class QueryGradients:
     predicted: np.ndarray
     losses: np.ndarray
     logits: np.ndarray
+    completions: list[str] | None = None  # causal LM: the completion each gradient is of
+    completion_sources: list[str] | None = None  # "given" or "greedy"
+    tokens: np.ndarray | None = None  # causal LM: (completion tokens, teacher-forced argmax hits)
 
     @property
     def correct(self) -> np.ndarray:
+        if self.tokens is not None:
+            return self.tokens[:, 1] == self.tokens[:, 0]
         return self.labels == self.predicted
 
 
 def _load_session(manifest: dict, store: IndexStore, model_path):
     from .layers import discover_units
-    from .models import load_model, model_fingerprint
+    from .models import is_model_folder, load_model, model_fingerprint
     from .projection import from_arrays
 
     path = Path(model_path or manifest["model"]["path"])
-    if not (path / "config.json").is_file():
+    if not is_model_folder(path):
         raise UserError(f"the index's model folder '{path}' is missing (moved or deleted?); pass "
                         "--model with its new location.")
     if model_fingerprint(path) != manifest["model"]["fingerprint"]:
         raise UserError(f"the model at '{path}' is not the one this index was built with "
                         "(fingerprint mismatch); rebuild the index, or pass --model with the original model folder.")
-    build = BuildConfig.from_dict(manifest["build"])
-    loaded = load_model(path, num_labels=build.num_labels, seed=build.seed)
+    build = BuildConfig.from_dict({"exact_max": 0, **manifest["build"]})  # indexes before exact_max
+    loaded = load_model(path, task=manifest["model"].get("task"), num_labels=build.num_labels, seed=build.seed)
     by_name = {u.name: u for u in discover_units(loaded.model)}
     layers = {}
     for layer in manifest["layers"]:
@@ -401,7 +482,8 @@ def _load_session(manifest: dict, store: IndexStore, model_path):
         except KeyError as exc:
             raise UserError(f"the model has no unit {exc}; it is not the model of this index.") from exc
     units = [u for us in layers.values() for u in us]
-    projectors = from_arrays(units, build.proj_dim, build.seed, store.projection_arrays())
+    projectors = from_arrays(units, build.proj_dim, build.seed, store.projection_arrays(),
+                             fitted=build.projection == "pca", exact_max=build.exact_max)
     dims = {p.unit.name: p.dim for p in projectors}
     for layer in manifest["layers"]:
         if sum(dims[u["name"]] for u in layer["units"]) != layer["dim"]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import ndr
 from .aggregate import AGGREGATIONS, mean_ranks, order, vote_depth, votes
-from .data import load_examples, write_rows
+from .data import load_examples, load_lm_examples, write_rows
 from .errors import UserError
 
 TRUE = {"1", "true", "yes", "y", "t"}
@@ -132,10 +132,15 @@ def run_audit(index, queries, config, progress) -> AuditResult:
     noisy = noise_flags(index.examples, config.noise_col)
     if noisy is not None and not noisy.any():
         noisy = None
-    examples = load_examples(queries, text_col=config.text_col, pair_col=config.pair_col,
-                             label_col=config.label_col, label2id=index.label2id)
-    progress("queries", 0, len(examples))
-    grads = index.gradients(examples.texts, examples.pairs, examples.labels, config.batch_size)
+    if index.manifest["model"].get("task") == "causal-lm":  # prompt + completion rows
+        examples = load_lm_examples(queries, text_col=config.text_col, label_col=config.label_col)
+        progress("queries", 0, len(examples))
+        grads = index.gradients(examples.texts, batch_size=config.batch_size, completions=examples.completions)
+    else:
+        examples = load_examples(queries, text_col=config.text_col, pair_col=config.pair_col,
+                                 label_col=config.label_col, label2id=index.label2id)
+        progress("queries", 0, len(examples))
+        grads = index.gradients(examples.texts, examples.pairs, examples.labels, config.batch_size)
     progress("queries", len(examples), len(examples))
     subsets = {"all": np.ones(len(examples), bool)}
     if config.correct_only:
@@ -153,7 +158,7 @@ def run_audit(index, queries, config, progress) -> AuditResult:
             continue
         for scope, (kind, members) in targets.items():
             for agg in aggs:
-                ids, scores = _combine(agg, [per_layer[l][subset][agg] for l in members])
+                ids, scores = _combine(agg, [per_layer[l][subset][agg] for l in members], int(mask.sum()))
                 result.rankings[(scope, agg, subset)] = (ids, scores)
                 row = {"scope": scope, "kind": kind, "agg": agg + ("-c" if subset == "correct" else ""),
                        "layers": members, "queries": int(mask.sum())}
@@ -191,7 +196,8 @@ def _layer_sums(index, layer, vectors, subsets, aggs, vote_p):
             sums[subset]["mean"] = (-full[rows].astype(np.float64)).mean(0)
         if "rank" in aggs:
             lists = [order(full[q], higher_first=False) for q in rows]
-            sums[subset]["rank"] = mean_ranks(lists, len(index))
+            # rank sums are whole numbers, exact in float64: tied examples stay tied
+            sums[subset]["rank"] = np.rint(mean_ranks(lists, len(index)) * len(lists))
         if "vote" in aggs:
             sums[subset]["vote"] = votes([neighbours[q] for q in rows], len(index), vote_p)
     cancel = ndr.cancellation_ratio(full) if full is not None and len(full) else float("nan")
@@ -214,10 +220,14 @@ def _nearest_opponents(index, layer: str, queries: np.ndarray, depth: int) -> np
     return result
 
 
-def _combine(agg: str, parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Layers of one scope: means of per-layer means (each layer has the same queries, so this
-    is the mean over all lists), sums of votes. Most detrimental first."""
+def _combine(agg: str, parts: list[np.ndarray], lists_per_layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Layers of one scope, most detrimental first: the mean of per-layer means for mean
+    (each layer has the same queries, so this is the mean over all lists), the mean rank from
+    exact rank sums for rank (ties stay ties, broken by id), the sum of votes for vote."""
     stacked = np.stack(parts)
-    values = stacked.sum(0) if agg == "vote" else stacked.mean(0)
+    if agg == "mean":
+        values = stacked.mean(0)
+    else:
+        values = stacked.sum(0) / (len(parts) * lists_per_layer if agg == "rank" else 1)
     ids = order(values, higher_first=agg != "rank")
     return ids, values[ids]

@@ -91,6 +91,7 @@ def build(
     granularity: str = _opt(BuildConfig, "granularity"),
     projection: str = _opt(BuildConfig, "projection"),
     proj_dim: int = _opt(BuildConfig, "proj_dim"),
+    exact_max: int = _opt(BuildConfig, "exact_max"),
     fit_examples: int = _opt(BuildConfig, "fit_examples"),
     metric: str = _opt(BuildConfig, "metric"),
     index_factory: str = _opt(BuildConfig, "index_factory"),
@@ -99,6 +100,8 @@ def build(
     seed: int = _opt(BuildConfig, "seed"),
     limit: Optional[int] = _opt(BuildConfig, "limit"),
     num_labels: Optional[int] = _opt(BuildConfig, "num_labels"),
+    task: Optional[str] = _opt(BuildConfig, "task"),
+    completion_col: Optional[str] = _opt(BuildConfig, "completion_col"),
     force: bool = typer.Option(False, "--force", help="Replace --out even if it is not an index."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted build of the same settings from where it stopped."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -107,10 +110,10 @@ def build(
     from .api import build_index
 
     config = BuildConfig(text_col=text_col, pair_col=pair_col, label_col=label_col, layers=layers,
-                         granularity=granularity, projection=projection, proj_dim=proj_dim,
+                         granularity=granularity, projection=projection, proj_dim=proj_dim, exact_max=exact_max,
                          fit_examples=fit_examples, metric=metric, index_factory=index_factory,
                          batch_size=batch_size, max_length=max_length, seed=seed, limit=limit,
-                         num_labels=num_labels)
+                         num_labels=num_labels, task=task, completion_col=completion_col)
     with _progress() as progress:
         index = build_index(model, train_file, out, config, force=force, resume=resume, progress=progress)
     if as_json:
@@ -207,7 +210,8 @@ def info(
                      "  lite-influence query runs/index --file dev.tsv --layers middle --agg rank --json")
 def query(
     index_dir: Path = typer.Argument(..., help="An index folder written by `build`."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="The test example to explain."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="The test example to explain (for a causal LM: the prompt)."),
+    completion: Optional[str] = typer.Option(None, "--completion", help="Causal LM: the completion of --text to explain; default: the model's greedy continuation (printed)."),
     pair: Optional[str] = typer.Option(None, "--pair", help="Second text of a pair, if the model takes pairs."),
     label: Optional[str] = typer.Option(None, "--label", "-l", help="Label to explain (id or name); default: the model's prediction."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl); their lists are aggregated together."),
@@ -215,22 +219,33 @@ def query(
     layers: str = _opt(QueryConfig, "layers"),
     agg: str = _opt(QueryConfig, "agg"),
     batch_size: int = _opt(QueryConfig, "batch_size"),
+    max_new_tokens: int = _opt(QueryConfig, "max_new_tokens"),
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ):
     """Which training examples pushed the model to this answer (proponents), and which fought it (opponents)."""
     from .api import InfluenceIndex
 
-    config = QueryConfig(k=k, layers=layers, agg=agg, batch_size=batch_size)
+    config = QueryConfig(k=k, layers=layers, agg=agg, batch_size=batch_size, max_new_tokens=max_new_tokens)
     index = InfluenceIndex.open(index_dir, model=model)
     if (text is None) == (file is None):
         raise UserError("pass either --text \"...\" or --file QUERIES.")
-    if file is not None:
+    causal = index.manifest["model"].get("task") == "causal-lm"
+    if completion is not None and not causal:
+        raise UserError("--completion is for causal language model indexes; this index is a classifier's (use --label).")
+    if file is not None and causal:
+        from .data import load_lm_examples
+
+        examples = load_lm_examples(file, queries=True)
+        result = index.query(examples.texts, config=config, completion=examples.completions)
+    elif file is not None:
         from .data import load_examples
 
         examples = load_examples(file, label2id=index.label2id, require_label=False)
         result = index.query(examples.texts, examples.pairs,
                              examples.labels or [None] * len(examples), config)
+    elif causal:
+        result = index.query(text, config=config, completion=completion)
     else:
         result = index.query(text, pair, label, config)
     if as_json:
@@ -242,7 +257,17 @@ def query(
 def _print_query(result: dict, names: list[str]) -> None:
     q = result["query"]
     pred = q["prediction"]
-    if len(result["queries"]) == 1:
+    causal = "completion_source" in q
+    if causal and len(result["queries"]) == 1:
+        console.print(f"[bold]prompt[/]: {escape(q['text'])}")
+        console.print(f"[bold]completion[/] ({q['completion_source']}, {q['completion_tokens']} tokens): "
+                      f"{escape(q['completion'])}")
+        console.print(f"loss {q['loss']:.3f} (summed over the completion's tokens); the model's argmax gives "
+                      f"{q['greedy_tokens_matched']}/{q['completion_tokens']} of them")
+    elif causal:
+        greedy = sum(x["greedy_tokens_matched"] == x["completion_tokens"] for x in result["queries"])
+        console.print(f"[bold]{len(result['queries'])} queries[/], {greedy} whose completion is the model's argmax")
+    elif len(result["queries"]) == 1:
         console.print(f"[bold]query[/]: {escape(q['text'])}" + (f"  [dim]|[/] {escape(q['pair'])}" if q["pair"] else ""))
         console.print(f"prediction: [bold]{pred['label_name']}[/] (p={pred['probability']:.2f}); "
                   f"explaining label [bold]{q['label_name']}[/], loss {q['loss']:.3f}")
@@ -252,18 +277,21 @@ def _print_query(result: dict, names: list[str]) -> None:
     if result["k_clamped"]:
         console.print(f"[yellow]note[/]: -k is larger than the index; showing all {result['k']} examples.")
     score = {"vote": "votes", "rank": "mean rank", "mean": "mean score"}[result["agg"]]
-    for side, colour, blurb in (("proponents", "green", "pushed towards this label"),
+    target = "completion" if causal else "label"
+    for side, colour, blurb in (("proponents", "green", f"pushed towards this {target}"),
                                 ("opponents", "red", "pushed against it")):
         table = Table(title=f"[{colour}]{side}[/]: {blurb} ({result['agg']} over {len(result['layers'])} layers, {result['metric']})",
                       expand=True, title_justify="left")
         table.add_column("id", justify="right", no_wrap=True)
         table.add_column(score, justify="right", no_wrap=True)
-        table.add_column("label", no_wrap=True)
-        table.add_column("text", ratio=1, no_wrap=True, overflow="ellipsis")
+        table.add_column(target, no_wrap=True, max_width=40 if causal else None, overflow="ellipsis")
+        table.add_column("prompt" if causal else "text", ratio=1, no_wrap=True, overflow="ellipsis")
         table.add_column("layers", no_wrap=True, overflow="ellipsis", max_width=28)
         for row in result[side]:
             label = row["label"]
             name = names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
+            if causal:
+                name = str(row.get("completion"))
             flag = " [yellow](noisy)[/]" if str(row["extra"].get("noisy", "")).lower() in ("1", "true") else ""
             table.add_row(str(row["id"]), f"{row['score']:.3g}", escape(name) + flag, escape(str(row["text"])),
                           ",".join(row["retrieved_in"]))

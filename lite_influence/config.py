@@ -24,6 +24,7 @@ class BuildConfig:
     granularity: str = option("layer", "One index per transformer block ('layer') or per weight matrix ('unit').")
     projection: str = option("pca", "pca: fitted Kronecker eigenbasis (keeps far more per dim); random: seeded Gaussian (needs no fitting pass).")
     proj_dim: int = option(8, "Dims kept per side of each weight matrix; a unit stores proj_dim^2 numbers (a BERT block of 4 attention matrices: 4 x 64 = 256).")
+    exact_max: int = option(1024, "A weight matrix with one side no wider than --proj-dim and at most this many numbers is stored exactly, not projected (a 2-class head of a 384-wide model: 770 numbers); 0 projects everything.")
     fit_examples: int = option(256, "Training examples used to fit the pca eigenbasis (one extra forward/backward pass over them).")
     metric: str = option("cosine", "cosine: normalise vectors (best for lookup); dot: raw TracIn inner products (the paper's score).")
     index_factory: str = option("Flat", "FAISS index factory string: Flat (exact), HNSW32, IVF256,Flat, PQ32, ...")
@@ -32,6 +33,8 @@ class BuildConfig:
     seed: int = option(0, "Seed for the random projection, the fitting sample and a newly initialised head.")
     limit: int | None = option(None, "Index only the first N rows of the training file.")
     num_labels: int | None = option(None, "Classes of a newly initialised head, when the model folder has none (default 2).")
+    task: str | None = option(None, "classification or causal-lm (default: detected from the model's architecture, e.g. GPT2LMHeadModel, LlamaForCausalLM).")
+    completion_col: str | None = option(None, "Causal LM: column holding the completion, whose tokens alone carry the loss (default: completion, response, answer, output or target); --text-col is then the prompt. Without one, each text is a whole completion.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +53,7 @@ class QueryConfig:
     layers: str = option("all", "Layers to search: a group (embeddings, early, middle, late, head, all) or layer names, comma-separated.")
     agg: str = option("vote", "How the layers' lists are combined: vote (weighted by rank), rank (mean rank) or mean (mean exact score).")
     batch_size: int = option(16, "Queries per forward/backward pass (with --file).")
+    max_new_tokens: int = option(20, "Causal LM without --completion: explain the model's greedy continuation of up to this many tokens (it stops at end-of-text).")
 
     def to_dict(self) -> dict:
         return asdict(self)

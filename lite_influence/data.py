@@ -47,6 +47,7 @@ __all__ = [
     "Examples",
     "read_rows",
     "load_examples",
+    "load_lm_examples",
     "label_id",
     "flip_labels",
     "stratified_sample",
@@ -58,6 +59,7 @@ __all__ = [
 
 TEXT_COLUMNS = ("text", "sentence", "prompt", "content", "question")
 LABEL_COLUMNS = ("label", "labels")
+COMPLETION_COLUMNS = ("completion", "response", "answer", "output", "target")
 _FILE_FORMATS = (".csv", ".tsv", ".jsonl", ".json")
 _WRITE_FORMATS = (".csv", ".tsv", ".jsonl")
 _SUPPORTED = ".csv, .tsv, .jsonl, .json or a folder saved with datasets' save_to_disk"
@@ -253,6 +255,7 @@ class Examples:
     rows: list[dict]
     columns: list[str]
     used_columns: tuple[str, ...] = ()  # text, pair and label columns; the rest are "extra"
+    completions: list[str | None] | None = None  # causal LM: texts are then the prompts
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -276,6 +279,60 @@ def load_examples(path, *, text_col=None, pair_col=None, label_col=None,
     used = tuple(c for c in (text_col, pair_col, label_col) if c is not None)
     return Examples(texts=texts, pairs=pairs, labels=labels, rows=rows, columns=list(columns),
                     used_columns=used)
+
+
+def load_lm_examples(path, *, text_col=None, completion_col=None, label_col=None, queries=False,
+                     limit=None) -> Examples:
+    """Prompt and completion rows for a causal language model (``texts`` are the prompts).
+
+    The completion column is ``completion_col``, else the first of ``COMPLETION_COLUMNS``
+    present; the prompt column ``text_col``, else the first of ``TEXT_COLUMNS``, else none
+    (empty prompts). Prompts may be blank; completions may not. Without a completion column,
+    training rows are whole texts (the text column is the completion, after an empty prompt),
+    unless the file has a label column: then it is a classification file given to a causal
+    model, which is refused, naming the columns. With ``queries``, the rows are prompts whose
+    completion may be missing or blank (None: the model's greedy continuation is used).
+    """
+    rows, columns = read_rows(path)
+    if completion_col is not None:
+        completion_col = _given_column(columns, completion_col, "--completion-col", path)
+    else:
+        completion_col = next((c for c in COMPLETION_COLUMNS if c in columns), None)
+    rows = rows[: _check_limit(limit)] if limit is not None else rows
+    numbered = list(enumerate(rows, start=1))
+    if completion_col is None:
+        label = _label_column(columns, label_col, False, path)
+        if label is not None and not queries:
+            raise UserError(f"the model is a causal language model but {path} looks like a classification file "
+                            f"(label column {label!r}, no completion column); columns are: {_names(columns)}; "
+                            f"pass --completion-col (and --text-col for the prompt), or --task classification.")
+        text_col = _text_column(columns, text_col, path)
+        texts = [_text(r[text_col], i, text_col, path) for i, r in numbered]
+        prompts, completions = (texts, [None] * len(texts)) if queries else ([""] * len(texts), texts)
+    else:
+        if text_col is not None:
+            text_col = _given_column(columns, text_col, "--text-col", path)
+        else:
+            text_col = next((c for c in TEXT_COLUMNS if c in columns and c != completion_col), None)
+        prompts = [_prompt(r[text_col], i, text_col, path) if text_col else "" for i, r in numbered]
+        if queries:
+            completions = [None if _blank(r[completion_col]) else _text(r[completion_col], i, completion_col, path)
+                           for i, r in numbered]
+        else:
+            completions = [_text(r[completion_col], i, completion_col, path) for i, r in numbered]
+    _check_unique_ids(rows, columns, path)
+    used = tuple(c for c in (text_col, completion_col) if c is not None)
+    return Examples(texts=prompts, pairs=None, labels=None, rows=rows, columns=list(columns),
+                    used_columns=used, completions=completions)
+
+
+def _blank(value) -> bool:
+    return _missing(value) or (isinstance(value, str) and not value.strip())
+
+
+def _prompt(value, row: int, column: str, path) -> str:
+    """A prompt may be blank (the completion alone carries the loss), but must be text."""
+    return "" if _blank(value) else _text(value, row, column, path)
 
 
 def _check_unique_ids(rows: list[dict], columns: list[str], path) -> None:

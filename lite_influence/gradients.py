@@ -11,6 +11,16 @@ leaf that requires grad.
 The same hooks can instead accumulate the covariances sum x x^T and sum delta delta^T that
 the eigenbasis projection is fitted on (``CovarianceCollector``).
 
+Tied word embeddings (GPT-2's ``lm_head`` shares ``wte``; ``tie_word_embeddings``): the one
+weight is used twice, so the embeddings unit's gradient is the sum of both uses. In the
+embedding orientation (out side = hidden H, in side = vocabulary V) the head's use adds
+``sum_t (R_out^T h_t)(R_in^T g_t)^T``, with h_t the head's input (hidden state) and g_t the
+gradient of the logits (V): a forward hook on the tied head projects h_t, a hook on the logits
+projects g_t. For the eigenbasis the head's use adds ``sum_t |g_t|^2 h_t h_t^T`` to the hidden
+side's covariance (the t = s part of G G^T, as the input use's ``sum_t delta_t delta_t^T`` is,
+a one-hot having norm 1) and ``sum_t g_t * g_t`` (elementwise) to the vocabulary side's token
+counts (a fully missed target token counts about 1, like one occurrence).
+
 Requirements on the caller, so that an example's vector is its own and does not depend on the
 batch or on chance: the model is in eval mode and the loss is *summed* over the batch.
 """
@@ -49,11 +59,18 @@ class _Hooks:
     def on_unit(self, unit: Unit, inputs: torch.Tensor, output_hook: Callable) -> None:
         raise NotImplementedError
 
+    def on_tied_head(self, unit: Unit, hidden: torch.Tensor, logits_hook: Callable) -> None:
+        """The tied LM head's use of the embeddings unit's weight (module docstring)."""
+        raise NotImplementedError
+
     def __enter__(self):
         embedding = self.model.get_input_embeddings()
         for unit in self.units:
             module = _module(self.model, unit.name)
             self._handles.append(module.register_forward_hook(self._forward_hook(unit)))
+            head = tied_head(self.model, module) if unit.kind == "embedding" else None
+            if head is not None:
+                self._handles.append(head.register_forward_hook(self._tied_hook(unit)))
         if not any(u.kind == "embedding" for u in self.units):
             self._handles.append(embedding.register_forward_hook(_leaf_output))
         return self
@@ -78,6 +95,22 @@ class _Hooks:
             return output
 
         return hook
+
+    def _tied_hook(self, unit: Unit):
+        def hook(module, inputs, output):
+            if output.requires_grad:
+                self.on_tied_head(unit, inputs[0].detach(), output.register_hook)
+
+        return hook
+
+
+def tied_head(model: nn.Module, embedding: nn.Module) -> nn.Module | None:
+    """The output embeddings (LM head) when they share ``embedding``'s weight, else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or head is embedding or getattr(head, "weight", None) is not embedding.weight:
+        return None
+    return head
 
 
 def _leaf_output(module, inputs, output):
@@ -108,6 +141,18 @@ class ProjectedGradients(_Hooks):
 
         output_hook(backward)
 
+    def on_tied_head(self, unit, hidden, logits_hook):
+        projector = self.projectors[unit.name]
+        b = self._masked(projector.out.apply(hidden.float()))  # (batch, tokens, k_out)
+
+        def backward(grad_logits):
+            a = projector.inp.apply(self._masked(grad_logits.float()))  # (batch, tokens, k_in)
+            phi = torch.einsum("bto,bti->boi", b, a).reshape(b.shape[0], -1)
+            previous = self._phi.get(unit.name)
+            self._phi[unit.name] = phi if previous is None else previous + phi
+
+        logits_hook(backward)
+
     def vectors(self) -> dict[str, torch.Tensor]:
         missing = [name for name in self.projectors if name not in self._phi]
         if missing:
@@ -129,13 +174,21 @@ class CovarianceCollector(_Hooks):
         self.fitted = fitted
         self.covariances: dict[str, dict[str, torch.Tensor]] = {u.name: {} for u in units}
 
+    def _add_counts(self, unit: Unit, token_ids: torch.Tensor) -> None:
+        """The embeddings' input covariance is diagonal: how often each token occurs."""
+        kept = token_ids[self.mask] if self.mask is not None else token_ids.reshape(-1)
+        store = self.covariances[unit.name]
+        store["in"] = store.get("in", 0) + torch.bincount(kept, minlength=unit.in_dim).double()
+
     def _add(self, unit: Unit, side: str, rows: torch.Tensor) -> None:
         rows = rows.reshape(-1, rows.shape[-1]).double()
         store = self.covariances[unit.name]
         store[side] = store.get(side, 0) + rows.T @ rows
 
     def on_unit(self, unit, x, output_hook):
-        if self.fitted(unit, "in"):
+        if unit.kind == "embedding" and self.fitted(unit, "in"):
+            self._add_counts(unit, x)
+        elif self.fitted(unit, "in"):
             x = self._masked(x.float())
             if unit.has_bias:
                 ones = self._masked(x.new_ones(x.shape[:-1] + (1,)))
@@ -145,6 +198,19 @@ class CovarianceCollector(_Hooks):
             output_hook(lambda delta: self._add(unit, "out", self._masked(delta.float())))
         else:
             output_hook(lambda delta: None)
+
+    def on_tied_head(self, unit, hidden, logits_hook):
+        hidden = self._masked(hidden.float())
+
+        def backward(grad_logits):
+            g = self._masked(grad_logits.float())
+            if self.fitted(unit, "out"):
+                self._add(unit, "out", hidden * g.square().sum(-1, keepdim=True).sqrt())
+            if self.fitted(unit, "in"):
+                store = self.covariances[unit.name]
+                store["in"] = store.get("in", 0) + g.double().square().reshape(-1, g.shape[-1]).sum(0)
+
+        logits_hook(backward)
 
 
 @contextmanager
@@ -170,24 +236,31 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _targets(labels, batch) -> torch.Tensor | None:
+    """Class ids of the batch; None (causal LM): the per-token labels inside the encodings."""
+    return None if labels is None else torch.tensor([labels[i] for i in batch], dtype=torch.long)
+
+
 def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, list[Unit]],
-                  encodings: list[dict], labels: list[int], batch: list[int]):
-    """One batch's per-layer vectors (units concatenated in layer order), losses and logits.
+                  encodings: list[dict], labels: list[int] | None, batch: list[int]):
+    """One batch's per-layer vectors (units concatenated in layer order), losses and logits
+    (for a causal LM, per example: completion tokens and teacher-forced argmax hits).
 
     Concatenating a layer's unit vectors makes the layer's inner product the sum of its
-    units' inner products, which is that layer's influence.
+    units' inner products, which is that layer's influence. ``labels`` None: the encodings
+    carry their own (causal LM).
     """
-    from .models import collate, example_losses
+    from .models import collate, example_losses, output_summary
 
     inputs = collate(loaded, [encodings[i] for i in batch])
-    targets = torch.tensor([labels[i] for i in batch], dtype=torch.long)
+    targets = _targets(labels, batch)
     with frozen(loaded.model), ProjectedGradients(loaded.model, projectors) as capture:
         capture.mask = inputs["attention_mask"].bool()
         losses, logits = example_losses(loaded, inputs, targets)
         losses.sum().backward()
         phi = capture.vectors()
     vectors = {name: torch.cat([phi[u.name] for u in units], 1).numpy() for name, units in layers.items()}
-    return vectors, losses.detach().numpy(), logits.detach().float().numpy()
+    return vectors, losses.detach().numpy(), output_summary(loaded, inputs, logits)
 
 
 def fit_covariances(loaded, units: list[Unit], encodings: list[dict], labels: list[int],
@@ -198,7 +271,7 @@ def fit_covariances(loaded, units: list[Unit], encodings: list[dict], labels: li
     with frozen(loaded.model), CovarianceCollector(loaded.model, units, fitted) as collector:
         for batch in batches:
             inputs = collate(loaded, [encodings[i] for i in batch])
-            targets = torch.tensor([labels[i] for i in batch], dtype=torch.long)
+            targets = _targets(labels, batch)
             collector.mask = inputs["attention_mask"].bool()
             losses, _ = example_losses(loaded, inputs, targets)
             losses.sum().backward()

@@ -7,6 +7,20 @@ transformer block, plus ``embeddings`` and ``head``. A *group* is a named set of
 table of architectures: blocks are the ``nn.ModuleList`` with one entry per hidden layer,
 attention units are the linears under a module whose name says attention, the head is what
 lies outside the base model. That covers BERT/RoBERTa, GPT-2 and Llama-style decoders alike.
+
+Causal LMs: an untied LM head (Llama's default) is a unit of role ``head`` like a classifier;
+a tied one (GPT-2, ``tie_word_embeddings``) shares the embeddings' weight and is not a unit of
+its own: its use is added to the embeddings unit (see ``gradients``).
+
+LoRA (a ``peft`` model, recognised structurally by modules named ``...lora_A.<adapter>`` /
+``...lora_B.<adapter>``): the units are the adapter matrices only, A and B separately, under
+their own parameter names (``...q_proj.lora_A.default``), each with the role and block of
+the module it adapts; plus the trained copies of ``modules_to_save`` (a classifier:
+``classifier.modules_to_save.default``, role ``head``). Frozen base weights, the embeddings
+included, are not units: nothing about them was trained. LoRA on an embedding (peft's
+``lora_embedding_A/B`` parameters) is not indexed. A is ``r x hidden``: its out side (r) and
+B's in side (r) are no larger than ``proj_dim`` for the usual ranks and are then kept exactly,
+while the hidden sides are projected (see ``projection``).
 """
 
 from __future__ import annotations
@@ -22,6 +36,8 @@ from .errors import UserError
 GROUPS = ("embeddings", "early", "middle", "late", "head", "all")
 KINDS = ("attention", "mlp", "all")
 _ATTENTION = re.compile(r"(^|\.)(attention|attn|self_attn|self_attention)(\.|$)")
+_LORA = re.compile(r"\.lora_[AB]\.[^.]+$")
+_SAVED = re.compile(r"\.modules_to_save\.[^.]+(\.|$)")
 # Above this many features a side is projected randomly even in PCA mode: its covariance
 # (features x features) would not fit in memory (an LM head over a 50k vocabulary, say).
 MAX_COVARIANCE_DIM = 8192
@@ -89,7 +105,10 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
 
 
 def discover_units(model: nn.Module) -> list[Unit]:
-    """Every unit of the model in forward order: embeddings, each block's linears, the head."""
+    """Every unit of the model in forward order: embeddings, each block's linears, the head.
+    For a LoRA model: the adapter matrices and trained head copies (module docstring)."""
+    if any(_LORA.search(name) for name, _ in model.named_modules()):
+        return _lora_units(model)
     embedding = model.get_input_embeddings()
     emb_name = _module_name(model, embedding)
     units = [
@@ -104,6 +123,28 @@ def discover_units(model: nn.Module) -> list[Unit]:
             if unit:
                 units.append(unit)
     units.extend(_head_units(model, embedding))
+    return units
+
+
+def _lora_units(model: nn.Module) -> list[Unit]:
+    blocks_name, blocks = _find_blocks(model)
+    prefix = re.compile(re.escape(blocks_name) + r"\.(\d+)\.(.*)$")
+    units = []
+    for name, module in model.named_modules():
+        saved = _SAVED.search(name)
+        if not (_LORA.search(name) or saved):
+            continue  # only lora_A/B and the linears of a trained copy (modules_to_save)
+        adapted = name[: (_LORA.search(name) or saved).start()]
+        inside = prefix.match(adapted)
+        if inside:
+            role = "attention" if _ATTENTION.search(inside.group(2)) else "mlp"
+            unit = _unit(name, module, role, int(inside.group(1)))
+        else:
+            unit = _unit(name, module, "head", None)
+        if unit:
+            units.append(unit)
+    if not units:
+        raise UserError(f"the LoRA model {type(model).__name__} has no linear adapter matrices to index.")
     return units
 
 

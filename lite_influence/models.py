@@ -4,11 +4,51 @@ The loss is *summed* over the examples of a batch, so that each example's output
 its own (with a mean, every example's gradient would be scaled by the batch size). The model
 is put in eval mode by the caller (``gradients.frozen``) so dropout does not make an
 example's vector depend on chance.
+
+Task kinds (``TASKS``), detected from the config's ``architectures`` unless given:
+
+* ``classification``: ``AutoModelForSequenceClassification``; one label id per example, the
+  loss is the cross-entropy of the logits.
+* ``causal-lm`` (an architecture ending in ``ForCausalLM`` or ``LMHeadModel``):
+  ``AutoModelForCausalLM``; each example is a prompt and a completion. Decisions:
+
+  - The prompt is tokenised *with* the tokenizer's special tokens (Llama's BOS), the
+    completion *without*, and the two id lists are concatenated (no text is re-joined, so a
+    completion's first token is what the completion alone tokenises to; give it its leading
+    space, " value v42", as it would appear after the prompt). No EOS is appended.
+  - An empty prompt (a file with only a text column: the whole text is the completion)
+    becomes the BOS token, or EOS where there is no BOS (GPT-2's ``<|endoftext|>``), so that
+    the completion's first token is predicted too.
+  - Too long: the completion is kept (its first ``max_length - 1`` tokens when it alone is
+    too long) and the prompt loses tokens from its *start*, keeping those next to the
+    completion.
+  - ``labels`` holds the completion's token ids and -100 on prompt tokens (and, after
+    ``collate``, on padding). The loss is the token cross-entropy of the shifted logits,
+    *summed* over an example's label positions (not averaged: an example's gradient is the
+    sum of its tokens', as TracIn over token losses would have it).
+  - A completion that tokenises to nothing (or leaves no token to predict) is a
+    ``UserError``.
+  - ``collate`` pads labels with -100 and ``example_losses`` drops them before the forward
+    pass, so the model never computes its own (mean) loss.
+  - ``greedy_completions``: argmax decoding with the key/value cache, stopping after
+    ``max_new_tokens`` or at the first EOS (kept, as part of what the model said). The
+    generated *ids* are what a query's gradient is of: decoding to text and tokenising again
+    need not give the same ids.
+
+LoRA (``peft``): a folder holding ``adapter_config.json`` is an adapter. Its base model is
+``base_model_name_or_path`` as written (absolute, or relative to the current folder), else
+relative to the adapter folder; the base is loaded for the task (``task_type`` CAUSAL_LM or
+SEQ_CLS, else detected from the base's config), wrapped with ``PeftModel.from_pretrained``,
+and the tokenizer is read from the adapter folder when it has one, else from the base.
+``model_fingerprint`` of an adapter folder covers the adapter's files and the base model's
+fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +56,10 @@ import torch
 
 from .errors import UserError
 
-TASKS = ("classification",)
-_WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json")
+TASKS = ("classification", "causal-lm")
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json", "adapter_config.json")
+ADAPTER_CONFIG = "adapter_config.json"
+_PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}
 
 
 @dataclass
@@ -26,18 +68,56 @@ class LoadedModel:
     tokenizer: object
     task: str
     path: str
+    base: str | None = None  # the base model folder, when ``path`` is a LoRA adapter
 
     @property
     def label2id(self) -> dict[str, int]:
+        if self.task == "causal-lm":
+            return {}
         return {name: int(i) for i, name in self.model.config.id2label.items()}
 
     @property
     def num_labels(self) -> int:
-        return len(self.model.config.id2label)
+        return 0 if self.task == "causal-lm" else len(self.model.config.id2label)
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A folder ``load_model`` can read: a saved model (config.json) or a peft adapter."""
+    return (Path(path) / "config.json").is_file() or is_adapter(path)
+
+
+def _adapter_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder / ADAPTER_CONFIG} is not readable JSON ({exc}); save the adapter again.") from exc
+
+
+def adapter_base(folder: str | Path) -> Path:
+    """The base model folder of the adapter at ``folder`` (see the module docstring)."""
+    folder = Path(folder)
+    name = _adapter_config(folder).get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"the adapter at '{folder}' names no base model (base_model_name_or_path in "
+                        f"{ADAPTER_CONFIG} is empty); set it to the base model's folder.")
+    given = Path(name).expanduser()
+    candidates = [given] if given.is_absolute() else [given, folder / given]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    looked = ", ".join(f"'{c.resolve()}'" for c in dict.fromkeys(candidates))
+    raise UserError(f"the base model '{name}' of the LoRA adapter at '{folder}' was not found (looked in "
+                    f"{looked}); put the base model there or set base_model_name_or_path in "
+                    f"{folder / ADAPTER_CONFIG} to its folder.")
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """sha256 of the config and weight files: whether a model is the one an index was built on."""
+    """sha256 of the config and weight files: whether a model is the one an index was built on.
+    For a LoRA adapter folder: its files (adapter weights and config) and the base's fingerprint."""
     root = Path(path)
     files = sorted({f for pattern in _WEIGHT_FILES for f in root.glob(pattern) if f.is_file()})
     digest = hashlib.sha256()
@@ -46,6 +126,8 @@ def model_fingerprint(path: str | Path) -> str:
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
+    if is_adapter(root):
+        digest.update(b"base\0" + model_fingerprint(adapter_base(root)).encode())
     return "sha256:" + digest.hexdigest()
 
 
@@ -60,29 +142,45 @@ def load_model(path: str | Path, task: str | None = None, num_labels: int | None
                seed: int = 0, label_names: list[str] | None = None) -> LoadedModel:
     """Model and tokenizer from a folder (no hub). A base encoder without a classification
     head gets a new head of ``num_labels`` (default 2), initialised from ``seed`` so that the
-    build and every later query see the same head."""
+    build and every later query see the same head. ``task`` overrides the detected task; a
+    folder with ``adapter_config.json`` is a LoRA adapter on its base model (module docstring)."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise UserError(f"model folder '{path}' has no config.json; pass a folder written by "
-                        "save_pretrained (for the demo model: lite-influence demo).")
+    if not is_model_folder(folder):
+        raise UserError(f"model folder '{path}' has no config.json (nor {ADAPTER_CONFIG}); pass a folder "
+                        "written by save_pretrained (for the demo model: lite-influence demo).")
+    adapter = _adapter_config(folder) if is_adapter(folder) else None
+    base = adapter_base(folder) if adapter is not None else folder
+    if task is not None and task not in TASKS:
+        raise UserError(f"unknown task '{task}'; use one of {', '.join(TASKS)}")
     try:
-        config = transformers.AutoConfig.from_pretrained(folder)
-        task = task or detect_task(config)
-        if task not in TASKS:
-            raise UserError(f"task '{task}' is not supported yet; supported: {', '.join(TASKS)}")
-        kwargs = {"num_labels": num_labels} if num_labels else {}
-        if label_names:  # names for the classes (shown in tables, accepted as labels)
-            kwargs = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-                      "label2id": {name: i for i, name in enumerate(label_names)}}
+        config = transformers.AutoConfig.from_pretrained(base)
+        task = task or (_PEFT_TASKS.get(adapter.get("task_type") or "") if adapter else None) or detect_task(config)
         torch.manual_seed(seed)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        if task == "causal-lm":
+            model = transformers.AutoModelForCausalLM.from_pretrained(base)
+        else:
+            kwargs = {"num_labels": num_labels} if num_labels else {}
+            if label_names:  # names for the classes (shown in tables, accepted as labels)
+                kwargs = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                          "label2id": {name: i for i, name in enumerate(label_names)}}
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(base, **kwargs)
+        has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder if has_tokenizer else base)
+        if adapter is not None:
+            import peft
+
+            with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                model = peft.PeftModel.from_pretrained(model, folder)
     except UserError:
         raise
+    except ImportError as exc:
+        raise UserError(f"'{path}' is a LoRA adapter and reading it needs the peft package ({exc}); "
+                        "run `pip install 'lite-influence[lora]'`.") from exc
     except Exception as exc:  # transformers raises many kinds; the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load a model from '{path}': {first}") from exc
@@ -91,7 +189,7 @@ def load_model(path: str | Path, task: str | None = None, num_labels: int | None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    return LoadedModel(model, tokenizer, task, str(folder))
+    return LoadedModel(model, tokenizer, task, str(folder), str(base) if adapter is not None else None)
 
 
 def token_limit(loaded: LoadedModel, max_length: int) -> int:
@@ -104,20 +202,65 @@ def token_limit(loaded: LoadedModel, max_length: int) -> int:
 
 
 def encode(loaded: LoadedModel, texts: list[str], pairs: list[str] | None,
-           max_length: int) -> list[dict[str, list[int]]]:
-    """Tokenised examples, truncated but not padded (each batch pads to its own longest)."""
+           max_length: int, completions: list | None = None, source: str = "") -> list[dict[str, list[int]]]:
+    """Tokenised examples, truncated but not padded (each batch pads to its own longest).
+
+    For a causal LM ``texts`` are the prompts and ``completions`` the completions (text, or
+    token ids as ``greedy_completions`` returns them); without ``completions`` each text is a
+    whole completion after an empty prompt. ``source`` (" of train.tsv") locates an example
+    in error messages."""
+    if loaded.task == "causal-lm":
+        if pairs is not None:
+            raise UserError("a causal language model takes a prompt and a completion, not a text pair; "
+                            "drop --pair-col and pass --completion-col.")
+        if completions is None:
+            texts, completions = [""] * len(texts), list(texts)
+        return [causal_encoding(loaded, prompt, completion, max_length,
+                                f"{'row' if source else 'example'} {i + 1}{source}")
+                for i, (prompt, completion) in enumerate(zip(texts, completions))]
     args = (texts, pairs) if pairs is not None else (texts,)
     encoded = loaded.tokenizer(*args, truncation=True, max_length=token_limit(loaded, max_length))
     keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
     return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
 
 
+def prompt_ids(loaded: LoadedModel, prompt: str) -> list[int]:
+    """A prompt's ids, with the tokenizer's special tokens; an empty prompt is BOS (or EOS)."""
+    tokenizer = loaded.tokenizer
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
+    if not ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start] if start is not None else []
+    return ids
+
+
+def causal_encoding(loaded: LoadedModel, prompt: str, completion, max_length: int,
+                    where: str = "the query") -> dict[str, list[int]]:
+    """One prompt + completion as ``input_ids`` and ``labels`` (-100 on the prompt)."""
+    if isinstance(completion, str):
+        completion_ids = list(loaded.tokenizer(completion, add_special_tokens=False)["input_ids"])
+    else:
+        completion_ids = [int(i) for i in completion]
+    if not completion_ids:
+        raise UserError(f"the completion of {where} ({completion!r}) tokenises to no tokens; give a "
+                        "completion with some text (or, for a query, none: the model's greedy continuation is used).")
+    limit = token_limit(loaded, max_length)
+    start = prompt_ids(loaded, prompt)
+    completion_ids = completion_ids[: max(1, limit - (1 if start else 0))]
+    start = start[len(start) - max(0, limit - len(completion_ids)):] if start else start
+    if not start and len(completion_ids) < 2:
+        raise UserError(f"the completion of {where} ({completion!r}) leaves no token to predict: the prompt "
+                        "is empty and the tokenizer has no BOS/EOS token; give a prompt.")
+    return {"input_ids": start + completion_ids, "labels": [-100] * len(start) + completion_ids}
+
+
 def collate(loaded: LoadedModel, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    """Right-pad a batch into model inputs with an attention mask."""
+    """Right-pad a batch into model inputs with an attention mask. Causal-LM ``labels`` are
+    padded with -100; they are not a model input (``model_inputs`` drops them)."""
     width = max(len(e["input_ids"]) for e in examples)
     batch = {"attention_mask": torch.zeros((len(examples), width), dtype=torch.long)}
     for key in examples[0]:
-        fill = (loaded.tokenizer.pad_token_id or 0) if key == "input_ids" else 0
+        fill = (loaded.tokenizer.pad_token_id or 0) if key == "input_ids" else (-100 if key == "labels" else 0)
         batch[key] = torch.full((len(examples), width), fill, dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
@@ -127,11 +270,75 @@ def collate(loaded: LoadedModel, examples: list[dict[str, list[int]]]) -> dict[s
     return batch
 
 
-def example_losses(loaded: LoadedModel, batch: dict[str, torch.Tensor], labels: torch.Tensor):
-    """Per-example losses (to be summed for backward) and the logits."""
-    logits = loaded.model(**batch).logits
-    losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    return losses, logits
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without ``labels``: a model given labels would compute its own mean loss."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def example_losses(loaded: LoadedModel, batch: dict[str, torch.Tensor], labels: torch.Tensor | None = None):
+    """Per-example losses (to be summed for backward) and the logits.
+
+    Classification: ``labels`` are class ids. Causal LM: ``labels`` (default: the batch's own)
+    are per-token ids, -100 where masked; the loss is the summed shifted token cross-entropy."""
+    logits = loaded.model(**model_inputs(batch)).logits
+    if loaded.task != "causal-lm":
+        losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        return losses, logits
+    targets = (batch["labels"] if labels is None else labels)[:, 1:]
+    shifted = logits[:, :-1].float()
+    tokens = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                                               reduction="none", ignore_index=-100)
+    return tokens.view(targets.shape).sum(1), logits
+
+
+def output_summary(loaded: LoadedModel, batch: dict[str, torch.Tensor], logits: torch.Tensor):
+    """What a batch's outputs say per example, small enough to keep: classification, the
+    logits; causal LM, (completion tokens, tokens whose teacher-forced argmax is the completion's)."""
+    import numpy as np
+
+    if loaded.task != "causal-lm":
+        return logits.detach().float().numpy()
+    targets = batch["labels"][:, 1:]
+    scored = targets != -100
+    hits = (logits[:, :-1].detach().argmax(-1) == targets) & scored
+    return np.stack([scored.sum(1).numpy(), hits.sum(1).numpy()], 1)
+
+
+def _next_step(model, out, ids: list[int]):
+    """One more decoding step from ``out``'s key/value cache (named ``cache`` from
+    transformers 5.2x, ``past_key_values`` before), or over all ``ids`` when there is none."""
+    for name in ("cache", "past_key_values"):
+        state = getattr(out, name, None)
+        if state is not None:
+            return model(input_ids=torch.tensor([ids[-1:]]), use_cache=True, **{name: state})
+    return model(input_ids=torch.tensor([ids]), use_cache=False)
+
+
+def greedy_completions(loaded: LoadedModel, prompts: list[str], max_new_tokens: int,
+                       max_length: int | None = None) -> list[list[int]]:
+    """The model's greedy continuation (token ids) of each prompt; see the module docstring.
+    With ``max_length``, a long prompt keeps its last tokens so prompt + continuation fit."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    eos = loaded.tokenizer.eos_token_id
+    window = token_limit(loaded, max_length if max_length is not None else 1_000_000 - 1)
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = prompt_ids(loaded, prompt)
+            ids = ids[max(0, len(ids) - max(1, window - max_new_tokens)):]
+            if not ids:
+                raise UserError("cannot continue an empty prompt: the tokenizer has no BOS/EOS token; give a prompt.")
+            out = loaded.model(input_ids=torch.tensor([ids]), use_cache=True)
+            new: list[int] = []
+            while True:
+                token = int(out.logits[0, -1].argmax())
+                new.append(token)
+                if len(new) >= max_new_tokens or token == eos or len(ids) + len(new) >= window:
+                    break
+                out = _next_step(loaded.model, out, ids + new)
+            results.append(new)
+    return results
 
 
 def predict(loaded: LoadedModel, encodings: list[dict], batch_size: int = 32) -> "np.ndarray":

@@ -11,7 +11,8 @@ What ``MODEL_DIR`` holds:
   unchanged and gives the logits of the kept checkpoint. With LoRA this is the *merged* model
   (``merge_and_unload``), so every command that takes a model folder works on it as is;
 - ``adapter/`` (LoRA only): the adapter itself (peft ``save_pretrained``), for indexing the LoRA
-  A/B matrices as units later; it names the original model folder as its base;
+  A/B matrices as units later (``lite-influence build MODEL_DIR/adapter ...``); it names the
+  original model folder, as an absolute path, as its base;
 - ``train_used.<ext>``: the rows trained on (after ``--limit``), in input order, with the
   flipped labels, ``noisy`` (0/1) and ``label_original``; same format as the input (.csv, .tsv,
   .jsonl; a .json file is written as .jsonl, a saved dataset folder as .tsv). Build the index
@@ -433,7 +434,9 @@ class _Run:
         """The kept weights (merged, for LoRA) and tokenizer at ``folder``; the adapter under
         ``folder/adapter``. Returns the in-memory model that was saved, in eval mode."""
         model = self.net
-        if self.lora:
+        if self.lora:  # the base as an absolute path, so the adapter loads from any folder
+            for adapter in self.net.peft_config.values():
+                adapter.base_model_name_or_path = str(Path(self.loaded.path).resolve())
             self.net.save_pretrained(folder / "adapter")
             model = self.net.merge_and_unload()
         for parameter in model.parameters():  # as load_model returns it

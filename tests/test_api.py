@@ -93,16 +93,19 @@ def test_tokenizer_of_the_fixture_is_word_level(bert_dir):
 
 @pytest.mark.parametrize("projection", ["random", "pca"])
 def test_build_is_deterministic_and_seeded(bert_dir, train_tsv, tmp_path, projection):
-    a = build_index(bert_dir, train_tsv, tmp_path / "a", projection=projection, seed=0, batch_size=5)
-    b = build_index(bert_dir, train_tsv, tmp_path / "b", projection=projection, seed=0, batch_size=5)
-    c = build_index(bert_dir, train_tsv, tmp_path / "c", projection=projection, seed=1, batch_size=5)
+    options = dict(projection=projection, batch_size=5, fit_examples=6)
+    a = build_index(bert_dir, train_tsv, tmp_path / "a", seed=0, **options)
+    b = build_index(bert_dir, train_tsv, tmp_path / "b", seed=0, **options)
+    c = build_index(bert_dir, train_tsv, tmp_path / "c", seed=1, **options)
     assert a.layers == b.layers == c.layers == LAYERS
     for layer in LAYERS:
         assert np.array_equal(a.vectors(layer), b.vectors(layer)), layer
-    # random: every matrix comes from (seed, unit name); pca: the embeddings' input side is random
-    differ = LAYERS if projection == "random" else ["embeddings"]
-    for layer in differ:
+    # random: every matrix comes from (seed, unit name); pca: the seed picks the fitting sample.
+    # The 2-class head (16 x 2 + bias: one side narrower than proj_dim) is stored exactly.
+    for layer in LAYERS[:-1]:
         assert not np.allclose(a.vectors(layer), c.vectors(layer)), layer
+    assert np.array_equal(a.vectors("head"), c.vectors("head"))
+    assert a.manifest["layers"][-1]["dim"] == 17 * 2
     if projection == "pca":
         assert (a.path / "projection.npz").read_bytes() == (b.path / "projection.npz").read_bytes()
 

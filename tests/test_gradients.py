@@ -119,3 +119,18 @@ def test_vectors_do_not_depend_on_batch_composition():
     alone = projected(model, {k: v[1:2, :n] for k, v in batch.items()}, labels[1:2], projectors)
     for name, vectors in alone.items():
         torch.testing.assert_close(together[name][1:2], vectors, rtol=1e-4, atol=1e-6)
+
+
+def test_embedding_input_covariance_is_token_counts_without_padding():
+    model = tiny_classifier("bert")
+    batch, labels = random_batch()
+    embedding = [u for u in discover_units(model) if u.kind == "embedding"]
+    with frozen(model), CovarianceCollector(model, embedding, pca_fits) as collector:
+        collector.mask = batch["attention_mask"].bool()
+        F.cross_entropy(model(**batch).logits, labels, reduction="sum").backward()
+    counts = collector.covariances[embedding[0].name]["in"]
+    expected = [0] * embedding[0].in_dim
+    for row, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        for token, keep in zip(row, mask):
+            expected[token] += keep
+    assert counts.tolist() == expected

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from lite_influence.errors import UserError
 import torch
 
 from lite_influence.layers import Unit
@@ -51,7 +53,7 @@ def test_random_projector_regenerates_identically():
     assert torch.equal(first.out.matrix, second.out.matrix)
     assert first.dim == 9
     # regenerated through from_arrays with nothing stored
-    again = from_arrays([u], 3, 7, {})[0]
+    again = from_arrays([u], 3, 7, {}, fitted=False)[0]
     assert torch.equal(again.inp.matrix, first.inp.matrix) and torch.equal(again.out.matrix, first.out.matrix)
 
 
@@ -131,12 +133,28 @@ def test_pca_projector_round_trips_through_arrays():
     arrays = to_arrays([fitted])
     assert set(arrays) == {"block.q/in", "block.q/in_eigenvalues", "block.q/out", "block.q/out_eigenvalues"}
     arrays = {k: v.copy() for k, v in arrays.items()}  # as if read back from projection.npz
-    (back,) = from_arrays([u], 3, 5, arrays)
+    (back,) = from_arrays([u], 3, 5, arrays, fitted=True)
     for a, b in ((fitted.inp, back.inp), (fitted.out, back.out)):
         assert torch.equal(a.matrix, b.matrix) and torch.equal(a.eigenvalues, b.eigenvalues)
-    (back_half,) = from_arrays([u], 3, 5, to_arrays([half]))
+    with pytest.raises(UserError, match="lacks the eigenbasis block.q/in"):
+        from_arrays([u], 3, 5, to_arrays([half]), fitted=True)  # a pca index missing a side
+    (back_half,) = from_arrays([u], 3, 5, to_arrays([half]), fitted=False)
     assert torch.equal(back_half.out.matrix, half.out.matrix)
     assert torch.equal(back_half.inp.matrix, random_side(13, 3, 5, "block.q", "in").matrix)
     assert back_half.inp.eigenvalues is None
     x, delta = torch.randn(4, 12), torch.randn(4, 10)
     torch.testing.assert_close(projected(back, x, delta), projected(fitted, x, delta))
+
+
+def test_diagonal_covariance_keeps_the_most_frequent_tokens_exactly():
+    """The embeddings' token side: counts in, one-hot columns of the k most frequent tokens
+    out (ties to the lower token id), so a token's projected row is exact or zero."""
+    counts = torch.tensor([0.0, 5, 2, 9, 2, 0, 7], dtype=torch.float64)
+    side = eigen_side(counts, 3)
+    assert side.matrix.shape == (7, 3)
+    kept = side.matrix.argmax(0).tolist()
+    assert kept == [3, 6, 1]
+    assert torch.equal(side.matrix.sum(0), torch.ones(3)) and side.eigenvalues.tolist() == [9, 7, 5]
+    tie = eigen_side(counts, 4)
+    assert tie.matrix.argmax(0).tolist() == [3, 6, 1, 2]
+    assert torch.equal(tie.matrix[4], torch.zeros(4))  # token 4 ties with 2 and loses: dropped
