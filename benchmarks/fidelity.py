@@ -36,7 +36,8 @@ from lite_influence.data import load_examples
 from lite_influence.gradients import fit_covariances, layer_vectors, length_batches
 from lite_influence.layers import assign_layers, discover_units, select_units
 from lite_influence.models import encode, load_model
-from lite_influence.projection import pca_fits, pca_projector, random_projector
+from lite_influence.config import BuildConfig
+from lite_influence.projection import pca_fits, pca_projector, random_projector, unit_k
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # shared/ beside the checkout
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -205,6 +206,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--selector", default="attention")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exact-max", type=int, default=BuildConfig.exact_max,
+                        help="small matrices stored whole, as build does (0: project everything)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -237,8 +240,9 @@ def main() -> None:
     dims, hook_errors = {}, {}
     for projection in PROJECTIONS:
         for k in KS:
-            projectors = [random_projector(u, k, args.seed) if projection == "random"
-                          else pca_projector(u, k, args.seed, covariances[u.name]) for u in units]
+            projectors = [random_projector(u, unit_k(u, k, args.exact_max), args.seed) if projection == "random"
+                          else pca_projector(u, unit_k(u, k, args.exact_max), args.seed, covariances[u.name])
+                          for u in units]
             vectors = projected_vectors(loaded, projectors, layers, encodings, evaluation.labels, args.batch_size)
             dims[str(k)] = {name: int(v.shape[1]) for name, v in vectors.items()}
             if k == 8:
@@ -254,7 +258,7 @@ def main() -> None:
     results = {
         "setup": {"model": "all-MiniLM-L6-v2 + seeded 2-class head", "n": args.n, "pairs": args.n * (args.n - 1) // 2,
                   "fit_n": len(fit), "eval_data": "dev.tsv (first rows)", "fit_data": "train.tsv (first rows not in eval)",
-                  "selector": args.selector, "granularity": "layer", "max_length": args.max_length,
+                  "selector": args.selector, "granularity": "layer", "exact_max": args.exact_max, "max_length": args.max_length,
                   "seed": args.seed, "torch_threads": torch.get_num_threads()},
         "layers": list(layers), "dims": dims, "spearman": spearman,
         "hook_check_max_rel_error_k8": hook_errors,
