@@ -233,6 +233,9 @@ def query(
     causal = index.manifest["model"].get("task") == "causal-lm"
     if completion is not None and not causal:
         raise UserError("--completion is for causal language model indexes; this index is a classifier's (use --label).")
+    if causal and (pair is not None or label is not None):
+        raise UserError("this index is a causal language model's: pass the prompt as --text and what it should say "
+                        "as --completion (not --pair or --label).")
     if file is not None and causal:
         from .data import load_lm_examples
 

@@ -18,8 +18,8 @@ embedding orientation (out side = hidden H, in side = vocabulary V) the head's u
 gradient of the logits (V): a forward hook on the tied head projects h_t, a hook on the logits
 projects g_t. For the eigenbasis the head's use adds ``sum_t |g_t|^2 h_t h_t^T`` to the hidden
 side's covariance (the t = s part of G G^T, as the input use's ``sum_t delta_t delta_t^T`` is,
-a one-hot having norm 1) and ``sum_t g_t * g_t`` (elementwise) to the vocabulary side's token
-counts (a fully missed target token counts about 1, like one occurrence).
+a one-hot having norm 1); the vocabulary side of tied embeddings is never fitted (see
+``projection``).
 
 Requirements on the caller, so that an example's vector is its own and does not depend on the
 batch or on chance: the model is in eval mode and the loss is *summed* over the batch.
@@ -203,12 +203,9 @@ class CovarianceCollector(_Hooks):
         hidden = self._masked(hidden.float())
 
         def backward(grad_logits):
-            g = self._masked(grad_logits.float())
             if self.fitted(unit, "out"):
+                g = self._masked(grad_logits.float())
                 self._add(unit, "out", hidden * g.square().sum(-1, keepdim=True).sqrt())
-            if self.fitted(unit, "in"):
-                store = self.covariances[unit.name]
-                store["in"] = store.get("in", 0) + g.double().square().reshape(-1, g.shape[-1]).sum(0)
 
         logits_hook(backward)
 

@@ -60,6 +60,7 @@ class Unit:
     out_dim: int
     has_bias: bool
     params: tuple[str, ...]
+    tied: bool = False  # embeddings whose weight an LM head shares (used twice: see gradients)
 
     @property
     def layer(self) -> str:
@@ -111,9 +112,10 @@ def discover_units(model: nn.Module) -> list[Unit]:
         return _lora_units(model)
     embedding = model.get_input_embeddings()
     emb_name = _module_name(model, embedding)
+    tied = any(m is not embedding and getattr(m, "weight", None) is embedding.weight for m in model.modules())
     units = [
         Unit(emb_name, "embedding", "embeddings", None, embedding.num_embeddings,
-             embedding.embedding_dim, False, (f"{emb_name}.weight",))
+             embedding.embedding_dim, False, (f"{emb_name}.weight",), tied)
     ]
     blocks_name, blocks = _find_blocks(model)
     for index, block in enumerate(blocks):

@@ -43,6 +43,8 @@ Decisions where the design was silent:
 - Training on a ``train_used`` file again keeps its ``label_original`` column (the first clean
   label), and ``noisy`` becomes "label differs from label_original"; an input ``noisy``
   column without ``label_original`` is kept and OR-ed with this run's flips.
+- The model is always loaded as a sequence classifier (``task="classification"``): a causal-LM
+  folder (GPT-2, Llama) gets a new classification head, as before causal LMs were indexable.
 - The model's label names (``id2label``) are whatever ``load_model`` produced: the folder's
   own, or ``LABEL_0..`` for a new head.
 - LoRA targets are found by module name: ``query``/``value`` (BERT, RoBERTa, ...),
@@ -128,7 +130,7 @@ def train_model(model: str | Path, train_file: str | Path, out: str | Path,
     if names and config.num_labels and len(names) != config.num_labels:
         raise UserError(f"--label-names gives {len(names)} names but --num-labels is {config.num_labels}; "
                         "pass one name per class.")
-    loaded = load_model(model, num_labels=config.num_labels, seed=config.seed, label_names=names)
+    loaded = load_model(model, task="classification", num_labels=config.num_labels, seed=config.seed, label_names=names)
     if loaded.num_labels < 2:
         raise UserError(f"the model's head has {loaded.num_labels} output but a classifier needs at "
                         "least 2 classes; pass --num-labels 2 or more for a model folder without a head.")
