@@ -384,7 +384,7 @@ class InfluenceIndex:
             n, hits = (int(x) for x in grads.tokens[i])
             return {"text": texts[i], "pair": None, "completion": grads.completions[i],
                     "completion_source": grads.completion_sources[i], "completion_tokens": n,
-                    "greedy_tokens_matched": hits, "label": None, "label_name": None,
+                    "argmax_matches": hits, "label": None, "label_name": None,
                     "loss": float(grads.losses[i]), "prediction": None}
         names = self.manifest["label_names"]
         probabilities = np.exp(grads.logits[i] - grads.logits[i].max())

@@ -266,9 +266,9 @@ def _print_query(result: dict, names: list[str]) -> None:
         console.print(f"[bold]completion[/] ({q['completion_source']}, {q['completion_tokens']} tokens): "
                       f"{escape(q['completion'])}")
         console.print(f"loss {q['loss']:.3f} (summed over the completion's tokens); the model's argmax gives "
-                      f"{q['greedy_tokens_matched']}/{q['completion_tokens']} of them")
+                      f"{q['argmax_matches']}/{q['completion_tokens']} of them")
     elif causal:
-        greedy = sum(x["greedy_tokens_matched"] == x["completion_tokens"] for x in result["queries"])
+        greedy = sum(x["argmax_matches"] == x["completion_tokens"] for x in result["queries"])
         console.print(f"[bold]{len(result['queries'])} queries[/], {greedy} whose completion is the model's argmax")
     elif len(result["queries"]) == 1:
         console.print(f"[bold]query[/]: {escape(q['text'])}" + (f"  [dim]|[/] {escape(q['pair'])}" if q["pair"] else ""))
@@ -287,17 +287,17 @@ def _print_query(result: dict, names: list[str]) -> None:
                       expand=True, title_justify="left")
         table.add_column("id", justify="right", no_wrap=True)
         table.add_column(score, justify="right", no_wrap=True)
-        table.add_column(target, no_wrap=True, max_width=40 if causal else None, overflow="ellipsis")
-        table.add_column("prompt" if causal else "text", ratio=1, no_wrap=True, overflow="ellipsis")
+        columns = ("prompt", "completion") if causal else ("label", "text")
+        table.add_column(columns[0], no_wrap=True, overflow="ellipsis", ratio=1 if causal else None)
+        table.add_column(columns[1], ratio=1, no_wrap=True, overflow="ellipsis")
         table.add_column("layers", no_wrap=True, overflow="ellipsis", max_width=28)
         for row in result[side]:
             label = row["label"]
             name = names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
-            if causal:
-                name = str(row.get("completion"))
             flag = " [yellow](noisy)[/]" if str(row["extra"].get("noisy", "")).lower() in ("1", "true") else ""
-            table.add_row(str(row["id"]), f"{row['score']:.3g}", escape(name) + flag, escape(str(row["text"])),
-                          ",".join(row["retrieved_in"]))
+            cells = ((escape(str(row["text"])), escape(str(row.get("completion"))) + flag) if causal
+                     else (escape(name) + flag, escape(str(row["text"]))))
+            table.add_row(str(row["id"]), f"{row['score']:.3g}", *cells, ",".join(row["retrieved_in"]))
         console.print(table)
 
 

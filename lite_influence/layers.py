@@ -15,7 +15,8 @@ its own: its use is added to the embeddings unit (see ``gradients``).
 LoRA (a ``peft`` model, recognised structurally by modules named ``...lora_A.<adapter>`` /
 ``...lora_B.<adapter>``): the units are the adapter matrices only, A and B separately, under
 their own parameter names (``...q_proj.lora_A.default``), each with the role and block of
-the module it adapts; plus the trained copies of ``modules_to_save`` (a classifier:
+the module it adapts (so the default ``attention`` selector leaves out adapters on MLP
+linears; ``--layers all`` takes them); plus the trained copies of ``modules_to_save`` (a classifier:
 ``classifier.modules_to_save.default``, role ``head``). Frozen base weights, the embeddings
 included, are not units: nothing about them was trained. LoRA on an embedding (peft's
 ``lora_embedding_A/B`` parameters) is not indexed. A is ``r x hidden``: its out side (r) and
