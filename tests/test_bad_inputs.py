@@ -383,7 +383,7 @@ def test_kill_9_mid_build_keeps_the_old_index_and_resume_matches(env, tmp_path):
 
     from lite_influence import InfluenceIndex
 
-    rows = [f"{' '.join(WORDS[i % 7:i % 7 + 4 + i % 5])} {i}\t{i % 2}" for i in range(400)]
+    rows = [f"{' '.join(WORDS[i % 7:i % 7 + 4 + i % 5])} {i}\t{i % 2}" for i in range(3000)]
     train = write(tmp_path / "big.tsv", "sentence\tlabel\n" + "\n".join(rows) + "\n")
     args = ["-q", "build", env["model"], train, "--batch-size", "1", "--projection", "random"]
     out = tmp_path / "index"
@@ -402,7 +402,7 @@ def test_kill_9_mid_build_keeps_the_old_index_and_resume_matches(env, tmp_path):
     proc.wait()
     assert snapshot(out) == before
     done = json.loads(progress.read_text())["batches_done"]
-    assert 20 <= done < 400
+    assert 20 <= done < 3000
     resumed = subprocess.run(cli(*args, "--out", out, "--force", "--resume"), cwd=REPO, capture_output=True,
                              text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr
@@ -410,7 +410,7 @@ def test_kill_9_mid_build_keeps_the_old_index_and_resume_matches(env, tmp_path):
                                text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert reference.returncode == 0, reference.stderr
     a, b = InfluenceIndex.open(out), InfluenceIndex.open(tmp_path / "reference")
-    assert a.layers == b.layers and len(a) == 400
+    assert a.layers == b.layers and len(a) == 3000
     for layer in a.layers:
         assert np.array_equal(a.vectors(layer), b.vectors(layer)), layer
 
