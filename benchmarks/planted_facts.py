@@ -49,6 +49,7 @@ from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
 
 import lite_influence
+from build_speed import time_round_robin  # benchmarks/ is on sys.path when run as a script
 from lite_influence.data import write_rows
 from lite_influence.gradients import layer_vectors
 from lite_influence.models import LoadedModel, collate, encode, model_inputs
@@ -195,18 +196,6 @@ def evaluate(index, rows, facts, grads) -> dict:
                       "opp_recall@2": float(np.mean(o_m)), "opp_recall@10": float(np.mean(o10)),
                       "wrong_negative": float(np.mean(negative))}
     return out
-
-
-def time_round_robin(variants: dict, batches: list, warmup: int, reps: int) -> dict[str, list[float]]:
-    times = {name: [] for name in variants}
-    for rep in range(warmup + reps):
-        batch = batches[rep % len(batches)]
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run(batch)
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def speed(index, model_dir, rows, facts, args) -> dict:

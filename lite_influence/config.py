@@ -13,8 +13,21 @@ def option(default, help: str, flag: str | None = None, short: str | None = None
     return field(default=default, metadata={"help": help, "flag": flag, "short": short})
 
 
+class Options:
+    """What every command's dataclass shares: a plain dict for manifests and JSON, and back
+    (unknown keys, e.g. from a newer version, are ignored)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass
-class BuildConfig:
+class BuildConfig(Options):
     """Options of ``lite-influence build``."""
 
     text_col: str | None = option(None, "Column holding the text (default: text, sentence, prompt, content or question).")
@@ -36,17 +49,9 @@ class BuildConfig:
     task: str | None = option(None, "classification or causal-lm (default: detected from the model's architecture, e.g. GPT2LMHeadModel, LlamaForCausalLM).")
     completion_col: str | None = option(None, "Causal LM: column holding the completion, whose tokens alone carry the loss (default: completion, response, answer, output or target); --text-col is then the prompt. Without one, each text is a whole completion.")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "BuildConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
 
 @dataclass
-class QueryConfig:
+class QueryConfig(Options):
     """Options of ``lite-influence query``."""
 
     k: int = option(10, "How many proponents and opponents to show.", short="-k")
@@ -55,12 +60,9 @@ class QueryConfig:
     batch_size: int = option(16, "Queries per forward/backward pass (with --file).")
     max_new_tokens: int = option(20, "Causal LM without --completion: explain the model's greedy continuation of up to this many tokens (it stops at end-of-text).")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class AuditConfig:
+class AuditConfig(Options):
     """Options of ``lite-influence audit``."""
 
     layers: str = option("each,groups", "What to score: 'each' (every layer alone), 'groups' (embeddings, early, middle, late, head, all), or layer/group names; comma-separated.")
@@ -74,16 +76,13 @@ class AuditConfig:
     label_col: str | None = option(None, "Label column of the query file (default: label).")
     batch_size: int = option(16, "Queries per forward/backward pass.")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def help_of(cls, name: str) -> str:
     return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """Options of ``lite-influence train`` (fine-tuning a sequence classifier to index)."""
 
     text_col: str | None = option(None, "Column holding the text (default: text, sentence, prompt, content or question).")
@@ -103,10 +102,3 @@ class TrainConfig:
     label_names: str | None = option(None, "Names of the classes, comma-separated in id order (e.g. negative,positive): shown in every table and accepted as labels.")
     limit: int | None = option(None, "Train on only the first N rows of the training file.")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})

@@ -79,3 +79,40 @@ def train_tsv(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     return path
+
+
+def exact_unit_gradients(model, units, losses):
+    """The independent reference for every projection test: per-example weight gradients by
+    plain autograd (``.grad``), in the (out x in [+ bias column]) orientation the projection
+    uses. ``losses``: one closure per example returning that example's loss."""
+    result = {u.name: [] for u in units}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for loss in losses:
+        model.zero_grad()
+        loss().backward()
+        for unit in units:
+            module = model.get_submodule(unit.name)
+            grad = module.weight.grad
+            grad = grad.T if unit.kind in ("conv1d", "embedding") else grad
+            if unit.has_bias:
+                grad = torch.cat([grad, module.bias.grad[:, None]], 1)
+            result[unit.name].append(grad.clone())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {name: torch.stack(grads) for name, grads in result.items()}
+
+
+def run_cli(capsys, *args):
+    """(exit code, stdout, stderr) of ``lite-influence ARGS`` run in-process through main(),
+    which owns the exit codes."""
+    from lite_influence.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -18,22 +18,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from conftest import WORDS
+from conftest import WORDS, run_cli as run
 from lite_influence.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *args):
-    """(exit code, stdout, stderr) of ``lite-influence ARGS`` run in-process."""
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def snapshot(folder: Path) -> dict:

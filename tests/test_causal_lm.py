@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
 
-from conftest import WORDS, tiny_config
+from conftest import WORDS, exact_unit_gradients, run_cli as run, tiny_config
 from lite_influence import gradients as gradients_module
 from lite_influence.api import InfluenceIndex, build_index
 from lite_influence.cli import main
@@ -109,27 +109,6 @@ def completion_loss(model, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
     """Summed cross-entropy of tokens n_prompt.. of one unpadded example (position t predicts t+1)."""
     logits = model(input_ids=ids[None]).logits[0]
     return F.cross_entropy(logits[n_prompt - 1 : -1], ids[n_prompt:], reduction="sum")
-
-
-def exact_unit_gradients(model, units, losses):
-    """Per-example weight gradients (out x in [+ bias column]) by autograd; ``losses`` is a
-    list of closures, one per example, each returning that example's loss."""
-    result = {u.name: [] for u in units}
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for loss in losses:
-        model.zero_grad()
-        loss().backward()
-        for unit in units:
-            module = model.get_submodule(unit.name)
-            grad = module.weight.grad
-            grad = grad.T if unit.kind in ("conv1d", "embedding") else grad
-            if unit.has_bias:
-                grad = torch.cat([grad, module.bias.grad[:, None]], 1)
-            result[unit.name].append(grad.clone())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return {name: torch.stack(grads) for name, grads in result.items()}
 
 
 SHAPES = [(3, 9), (1, 7), (4, 6), (2, 4)]  # (prompt tokens, all tokens) per row; width 9
@@ -417,17 +396,6 @@ def test_whole_text_rows_task_override_and_audit(lm_dirs, tmp_path):
 
 
 # ---------------------------------------------------------------- the command line
-
-
-def run(capsys, *args):
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_build_and_query(lm_dirs, lm_train, tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_batch, tiny_classifier
+from conftest import exact_unit_gradients, random_batch, tiny_classifier
 from lite_influence.gradients import CovarianceCollector, ProjectedGradients, frozen
 from lite_influence.layers import discover_units, select_units
 from lite_influence.projection import pca_fits, pca_projector, random_projector
@@ -15,26 +15,13 @@ ARCHS = ["bert", "gpt2", "llama"]
 
 
 def exact_gradients(model, batch, labels, units):
-    """Per-example weight gradients by autograd, one example at a time, in the
-    (out x in [+ bias column]) orientation the projection uses."""
-    result = {u.name: [] for u in units}
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for row in range(labels.shape[0]):
+    """Per-example weight gradients by autograd, one unpadded example at a time."""
+    def loss(row):
         n = int(batch["attention_mask"][row].sum())
         single = {k: v[row : row + 1, :n] for k, v in batch.items()}
-        model.zero_grad()
-        F.cross_entropy(model(**single).logits, labels[row : row + 1], reduction="sum").backward()
-        for unit in units:
-            module = model.get_submodule(unit.name)
-            weight = module.weight.grad
-            grad = weight.T if unit.kind in ("conv1d", "embedding") else weight
-            if unit.has_bias:
-                grad = torch.cat([grad, module.bias.grad[:, None]], 1)
-            result[unit.name].append(grad.clone())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return {name: torch.stack(grads) for name, grads in result.items()}
+        return F.cross_entropy(model(**single).logits, labels[row : row + 1], reduction="sum")
+
+    return exact_unit_gradients(model, units, [lambda row=row: loss(row) for row in range(labels.shape[0])])
 
 
 def projected(model, batch, labels, projectors):
