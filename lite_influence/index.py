@@ -32,6 +32,7 @@ from .errors import UserError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METRICS = ("cosine", "dot")
+FEW_QUERIES = 4  # up to this many queries a flat index is scanned with numpy, beyond it FAISS batches
 
 
 def faiss_module():
@@ -151,6 +152,8 @@ class IndexStore:
         and rank need full lists, so the probe is widened until every row has k ids."""
         index = self.faiss_index(layer)
         queries, k = self.prepare_queries(queries), min(k, self.n)
+        if len(queries) <= FEW_QUERIES and isinstance(index, faiss_module().IndexFlat):
+            return _scan(_flat_vectors(index), queries, k)
         scores, ids = index.search(queries, k)
         ivf = _ivf(index)
         while ivf is not None and (ids < 0).any() and ivf.nprobe < ivf.nlist:
@@ -197,6 +200,26 @@ def _check_manifest(manifest: dict) -> None:
         if not isinstance(layer["name"], str) or int(layer["dim"]) < 1:
             raise ValueError(f"layer entry {layer!r}")
     manifest["label_names"], manifest["model"]["fingerprint"], manifest["build"]
+
+
+def _flat_vectors(index) -> np.ndarray:
+    """The vectors of a flat index, as a numpy view of FAISS's own memory (no copy)."""
+    faiss = faiss_module()
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
+def _scan(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product for a few queries: one matrix product and a partial sort.
+    For a lookup's one or two queries this is 2-3x faster than FAISS's flat search
+    (benchmarks/query_latency.py), and ties go to the smaller id."""
+    scores = queries @ vectors.T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+        np.tile(np.arange(scores.shape[1]), (len(queries), 1))
+    ids = np.empty_like(top)
+    for row in range(len(queries)):
+        candidates = top[row]
+        ids[row] = candidates[np.lexsort((candidates, -scores[row, candidates]))]
+    return np.take_along_axis(scores, ids, 1), ids.astype(np.int64)
 
 
 def _make_reconstructable(index) -> None:

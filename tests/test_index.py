@@ -163,3 +163,23 @@ def test_approximate_factories_reconstruct_and_search(bert_dir, train_tsv, tmp_p
         for row in range(2):
             q = query[row] / np.linalg.norm(query[row])
             assert_same_top_k(scores[row], ids[row], vectors.astype(np.float64) @ q, 12)
+
+
+def test_numpy_scan_of_a_few_queries_equals_faiss_search():
+    """A lookup's one or two queries scan a flat index with numpy; many go through FAISS.
+    Both must return the same top-k (random vectors: no ties)."""
+    import faiss
+
+    from lite_influence.index import FEW_QUERIES, _flat_vectors, _scan
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((500, 24)).astype(np.float32)
+    index = faiss.IndexFlatIP(24)
+    index.add(vectors)
+    queries = rng.standard_normal((FEW_QUERIES, 24)).astype(np.float32)
+    scores, ids = _scan(_flat_vectors(index), queries, 10)
+    faiss_scores, faiss_ids = index.search(queries, 10)
+    assert np.array_equal(ids, faiss_ids)
+    np.testing.assert_allclose(scores, faiss_scores, rtol=1e-5)
+    all_scores, all_ids = _scan(_flat_vectors(index), queries[:1], 500)  # k = N: a full sort
+    assert np.array_equal(all_ids[0], np.argsort(-(vectors @ queries[0]), kind="stable"))
