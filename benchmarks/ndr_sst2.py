@@ -99,6 +99,45 @@ class Clock:
         self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
 
 
+class Stages:
+    """Checkpoints of one (mode, seed) run in its work folder, so that a run killed on a
+    shared machine continues where it stopped (``--resume`` with the same ``--work-dir``).
+    Each stage's result is pickled when it completes; the clock is saved with it, so the
+    recorded stage times are those of the attempt that completed each stage."""
+
+    def __init__(self, folder: Path, resume: bool, clock: Clock):
+        self.folder, self.resume, self.clock = folder, resume, clock
+        self.resumed = False
+        saved = folder / "clock.json"
+        if resume and saved.exists():
+            data = json.loads(saved.read_text())
+            clock.wall.update(data["wall"])
+            clock.cpu.update(data["cpu"])
+
+    def load(self, name: str):
+        import pickle
+
+        path = self.folder / f"stage-{name}.pkl"
+        if not (self.resume and path.exists()):
+            return None
+        self.resumed = True
+        log(f"  resumed stage '{name}' from {path.name}")
+        with open(path, "rb") as handle:
+            return pickle.load(handle)
+
+    def save(self, name: str, value) -> None:
+        import pickle
+
+        path = self.folder / f"stage-{name}.pkl"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            pickle.dump(value, handle)
+        os.replace(tmp, path)
+        tmp = self.folder / "clock.json.tmp"
+        tmp.write_text(json.dumps({"wall": self.clock.wall, "cpu": self.clock.cpu}))
+        os.replace(tmp, self.folder / "clock.json")
+
+
 _PREFIX = [""]
 
 
@@ -534,48 +573,70 @@ def run_one(args, mode: str, seed: int, files: dict, model: str, work: Path) -> 
     from lite_influence.train import train_model
 
     _PREFIX[0] = f" [{mode} s{seed}]"
-    clock, checks = Clock(), {}
-    timings = clock.wall
     folder = work / f"{mode}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
+    if args.resume and (folder / "run.json").exists():
+        log("resumed: this run was complete")
+        return json.loads((folder / "run.json").read_text())
+    clock, checks = Clock(), {}
+    stages = Stages(folder, args.resume, clock)
+    timings = clock.wall
     lora = 4 if mode == "lora" else None
     train_options = dict(noise=args.noise, seed=seed, epochs=args.epochs, eval_file=str(files["val"]),
                          lora_rank=lora, max_length=args.max_length, batch_size=args.batch_size)
     if args.lr is not None:
         train_options["lr"] = args.lr
 
-    clock.start()
-    log(f"{mode} seed {seed}: training on {files['train'].name}")
-    trained = train_model(model, files["train"], folder / "model", force=True, **train_options)
-    clock.stop("train_s")
-    chosen = trained.history[trained.chosen_epoch - 1]
-    model_dir, train_used = trained.out, trained.out / "train_used.tsv"
-    training = {"chosen_epoch": trained.chosen_epoch, "history": trained.history,
-                "eval_accuracy": chosen.get("eval_accuracy"), "eval_loss": chosen.get("eval_loss"),
-                "n_noisy": trained.n_noisy, "seconds": trained.seconds}
-    log(f"  trained in {timings['train_s']:.0f} s: epoch {trained.chosen_epoch}, held-out accuracy "
-        f"{chosen.get('eval_accuracy', float('nan')):.3f}")
-    del trained
+    model_dir, train_used = folder / "model", folder / "model" / "train_used.tsv"
+    training = stages.load("train")
+    if training is None:
+        clock.start()
+        log(f"{mode} seed {seed}: training on {files['train'].name}")
+        trained = train_model(model, files["train"], model_dir, force=True, **train_options)
+        clock.stop("train_s")
+        chosen = trained.history[trained.chosen_epoch - 1]
+        training = {"chosen_epoch": trained.chosen_epoch, "history": trained.history,
+                    "eval_accuracy": chosen.get("eval_accuracy"), "eval_loss": chosen.get("eval_loss"),
+                    "n_noisy": trained.n_noisy, "seconds": trained.seconds}
+        del trained
+        stages.save("train", training)
+        log(f"  trained in {timings['train_s']:.0f} s: epoch {training['chosen_epoch']}, held-out accuracy "
+            f"{training['eval_accuracy'] or float('nan'):.3f}")
 
     indexes, audits = {}, {}
     build_options = dict(metric="dot", seed=seed, proj_dim=args.proj_dim, max_length=args.max_length,
                          batch_size=args.batch_size)
     for projection in PROJECTIONS:
-        clock.start()
-        indexes[("dot", projection)] = lite_influence.build_index(
-            model_dir, train_used, folder / f"index-dot-{projection}", force=True, projection=projection,
-            **build_options)
-        clock.stop(f"build_{projection}_s")
-        clock.start()
-        indexes[("cosine", projection)] = cosine_index(indexes[("dot", projection)],
-                                                       folder / f"index-cosine-{projection}")
-        clock.stop(f"cosine_copy_{projection}_s")
-        log(f"  built {projection} index in {timings[f'build_{projection}_s']:.0f} s")
+        dot_dir, cos_dir = folder / f"index-dot-{projection}", folder / f"index-cosine-{projection}"
+        if stages.load(f"index-dot-{projection}") and (dot_dir / "manifest.json").exists():
+            indexes[("dot", projection)] = lite_influence.InfluenceIndex.open(dot_dir)
+        else:
+            clock.start()
+            indexes[("dot", projection)] = lite_influence.build_index(
+                model_dir, train_used, dot_dir, force=True, projection=projection, **build_options)
+            clock.stop(f"build_{projection}_s")
+            stages.save(f"index-dot-{projection}", True)
+            log(f"  built {projection} index in {timings[f'build_{projection}_s']:.0f} s")
+        if stages.load(f"index-cosine-{projection}") and (cos_dir / "manifest.json").exists():
+            indexes[("cosine", projection)] = lite_influence.InfluenceIndex.open(cos_dir)
+        else:
+            clock.start()
+            indexes[("cosine", projection)] = cosine_index(indexes[("dot", projection)], cos_dir)
+            clock.stop(f"cosine_copy_{projection}_s")
+            stages.save(f"index-cosine-{projection}", True)
     for (metric, projection), index in indexes.items():
-        clock.start()
-        audits[(metric, projection)] = index.audit(files["queries"], aggs="mean,rank,vote", correct_only=True,
-                                                   batch_size=args.batch_size)
-        clock.stop(f"audit_{metric}_{projection}_s")
+        name = f"audit-{metric}-{projection}"
+        audits[(metric, projection)] = stages.load(name)
+        if audits[(metric, projection)] is None:
+            clock.start()
+            result = index.audit(files["queries"], aggs="mean,rank,vote", correct_only=True,
+                                 batch_size=args.batch_size)
+            rows, ranks = audit_rows(result)
+            audits[(metric, projection)] = {"rows": rows, "rankings": ranks, "n_correct": result.n_correct,
+                                            "cancellation": result.cancellation}
+            del result
+            clock.stop(f"audit_{metric}_{projection}_s")
+            stages.save(name, audits[(metric, projection)])
     log(f"  audited 4 indexes in {sum(v for k, v in timings.items() if k.startswith('audit')):.0f} s")
 
     reference = indexes[("dot", "random")]
@@ -586,32 +647,45 @@ def run_one(args, mode: str, seed: int, files: dict, model: str, work: Path) -> 
     n, m = len(noisy), int(noisy.sum())
 
     # ---------------------------------------------------------------- exact reference
-    clock.start()
-    loaded = load_model(model_dir, seed=seed)  # the index's model (a saved head: the seed changes nothing)
-    units = {u.name: u for u in discover_units(loaded.model)}
-    layers = {info["name"]: [units[u["name"]] for u in info["units"]] for info in reference.manifest["layers"]}
-    train_ex = load_examples(train_used, label2id=loaded.label2id)
-    query_ex = load_examples(files["queries"], label2id=loaded.label2id)
-    t_enc = encode(loaded, train_ex.texts, None, args.max_length)
-    q_enc = encode(loaded, query_ex.texts, None, args.max_length)
-    predicted = predict(loaded, q_enc, args.batch_size)  # as the audit does: same batches, same model
-    correct = predicted == np.asarray(query_ex.labels)
-    subsets = {"all": np.ones(len(q_enc), bool), "correct": correct}
-    check_ids = list(range(min(8, n)))
-    checks["hook_vs_random_index_max_rel_error"] = hook_check(loaded, layers, reference, t_enc, train_ex.labels, check_ids)
-    checks["hooks_vs_autograd_max_rel_error"] = autograd_check(loaded, layers, t_enc, train_ex.labels, check_ids[:3])
-    checks["audit_n_correct"] = audits[("dot", "random")].n_correct
+    exact = stages.load("exact")
+    if exact is None:
+        clock.start()
+        loaded = load_model(model_dir, seed=seed)  # the index's model (a saved head: the seed changes nothing)
+        units = {u.name: u for u in discover_units(loaded.model)}
+        layers = {info["name"]: [units[u["name"]] for u in info["units"]] for info in reference.manifest["layers"]}
+        train_ex = load_examples(train_used, label2id=loaded.label2id)
+        query_ex = load_examples(files["queries"], label2id=loaded.label2id)
+        t_enc = encode(loaded, train_ex.texts, None, args.max_length)
+        q_enc = encode(loaded, query_ex.texts, None, args.max_length)
+        predicted = predict(loaded, q_enc, args.batch_size)  # as the audit does: same batches, same model
+        correct = predicted == np.asarray(query_ex.labels)
+        check_ids = list(range(min(8, n)))
+        checks["hook_vs_random_index_max_rel_error"] = hook_check(loaded, layers, reference, t_enc,
+                                                                  train_ex.labels, check_ids)
+        checks["hooks_vs_autograd_max_rel_error"] = autograd_check(loaded, layers, t_enc, train_ex.labels,
+                                                                   check_ids[:3])
+        scores, query_sq, train_sq, losses = exact_influence(
+            loaded, layers, (q_enc, query_ex.labels), (t_enc, train_ex.labels), args.exact_batch_size,
+            args.exact_memory_gb * 2**30)
+        clock.stop("exact_gradients_s")
+        exact = {"scores": scores, "query_sq": query_sq, "train_sq": train_sq, "losses": losses,
+                 "correct": correct, "checks": dict(checks), "layer_shapes": {
+                     name: [[u.name, u.kind, u.in_dim, u.out_dim] for u in us] for name, us in layers.items()}}
+        del loaded, t_enc, q_enc
+        stages.save("exact", exact)
+    scores, query_sq, train_sq, losses = exact["scores"], exact["query_sq"], exact["train_sq"], exact["losses"]
+    correct = exact["correct"]
+    checks.update(exact["checks"])
+    checks["audit_n_correct"] = audits[("dot", "random")]["n_correct"]
     checks["exact_n_correct"] = int(correct.sum())
-    scores, query_sq, train_sq, losses = exact_influence(
-        loaded, layers, (q_enc, query_ex.labels), (t_enc, train_ex.labels), args.exact_batch_size,
-        args.exact_memory_gb * 2**30)
-    clock.stop("exact_gradients_s")
+    subsets = {"all": np.ones(len(correct), bool), "correct": correct}
     clock.start()
     ndr_rows = {metric: {} for metric in METRICS}
     rankings = {metric: {} for metric in METRICS}
     for metric in METRICS:
         for projection in PROJECTIONS:
-            ndr_rows[metric][projection], rankings[metric][projection] = audit_rows(audits[(metric, projection)])
+            ndr_rows[metric][projection] = audits[(metric, projection)]["rows"]
+            rankings[metric][projection] = audits[(metric, projection)]["rankings"]
         if metric == "dot":
             full = scores
         else:
@@ -619,7 +693,7 @@ def run_one(args, mode: str, seed: int, files: dict, model: str, work: Path) -> 
         ndr_rows[metric]["exact"], rankings[metric]["exact"] = exact_rows(full, scopes, subsets, noisy)
         del full
     clock.stop("exact_rankings_s")
-    log(f"  exact reference in {timings['exact_gradients_s'] + timings['exact_rankings_s']:.0f} s")
+    log(f"  exact reference in {timings.get('exact_gradients_s', 0) + timings['exact_rankings_s']:.0f} s")
 
     # ---------------------------------------------------------------- baselines
     from lite_influence.aggregate import order
@@ -643,7 +717,7 @@ def run_one(args, mode: str, seed: int, files: dict, model: str, work: Path) -> 
     # ---------------------------------------------------------------- the identity check (tiny)
     if args.tiny:
         clock.start()
-        big = max(max(u.in_dim, u.out_dim) for us in layers.values() for u in us)
+        big = max(max(u[2], u[3]) for us in exact["layer_shapes"].values() for u in us)
         identity = lite_influence.build_index(model_dir, train_used, folder / "index-identity", force=True,
                                               projection="random", **{**build_options, "proj_dim": big})
         id_rows, _ = audit_rows(identity.audit(files["queries"], aggs="mean,rank,vote", correct_only=True,
@@ -669,14 +743,14 @@ def run_one(args, mode: str, seed: int, files: dict, model: str, work: Path) -> 
               "loss": curve(loss_ids, noisy), "m_over_n": m / n}
 
     run = {
-        "mode": mode, "seed": seed, "n": n, "n_noisy": m, "n_queries": len(q_enc),
-        "n_correct": int(correct.sum()), "n_val": len(load_examples(files["val"], label2id=loaded.label2id)),
+        "mode": mode, "seed": seed, "n": n, "n_noisy": m, "n_queries": len(correct),
+        "n_correct": int(correct.sum()), "n_val": len(load_examples(files["val"], label2id=reference.label2id)),
         "lora": {"rank": 4, "targets": "query,value", "head": "trained", "indexed": "merged model"} if lora else None,
         "training": training, "layers": layer_names, "groups": groups, "scopes": list(scopes),
         "index": {"proj_dim": args.proj_dim, "dims": {l["name"]: l["dim"] for l in reference.manifest["layers"]},
                   "units": {l["name"]: [u["name"] for u in l["units"]] for l in reference.manifest["layers"]}},
         "ndr": ndr_rows, "baselines": baselines, "gap_ndr30": gap,
-        "cancellation": {f"{metric}/{projection}": audits[(metric, projection)].cancellation
+        "cancellation": {f"{metric}/{projection}": audits[(metric, projection)]["cancellation"]
                          for metric in METRICS for projection in PROJECTIONS},
         "checks": checks, "curves": curves,
     }
@@ -686,12 +760,17 @@ def run_one(args, mode: str, seed: int, files: dict, model: str, work: Path) -> 
     if args.retrain:
         clock.start()
         run["retrain"] = retrain(args, model, train_used, files, mode, seed, folder, run, rankings, loss_ids,
-                                 noisy, train_options)
+                                 noisy, train_options, stages)
         clock.stop("retrain_s")
     run["timings_s"] = {k: round(v, 1) for k, v in clock.wall.items()}
     run["cpu_s"] = {k: round(v, 1) for k, v in clock.cpu.items()}
     run["torch_threads"] = torch.get_num_threads()
-    if not args.keep_work:
+    run["resumed"] = stages.resumed
+    if args.resume:
+        tmp = folder / "run.json.tmp"
+        tmp.write_text(json.dumps(run))
+        os.replace(tmp, folder / "run.json")
+    elif not args.keep_work:
         shutil.rmtree(folder, ignore_errors=True)
     return run
 
@@ -722,7 +801,8 @@ def best_choice(run: dict) -> dict:
     return {"metric": metric, "projection": projection, "scope": scope, "agg": agg}
 
 
-def retrain(args, model, train_used, files, mode, seed, folder, run, rankings, loss_ids, noisy, options) -> dict:
+def retrain(args, model, train_used, files, mode, seed, folder, run, rankings, loss_ids, noisy, options,
+            stages=None) -> dict:
     from lite_influence.data import read_rows, write_rows
     from lite_influence.ndr import ndr_at
     from lite_influence.train import train_model
@@ -765,6 +845,10 @@ def retrain(args, model, train_used, files, mode, seed, folder, run, rankings, l
             log(f"  retrain {name}: same removal as {done[key]}")
             continue
         done[key] = name
+        cached = stages.load(f"retrain-{name}") if stages is not None else None
+        if cached is not None:
+            results["choices"][cached[0]] = cached[1]
+            continue
         kept = [r for i, r in enumerate(rows) if i not in removed]
         path = write_rows(folder / f"retrain-{name}.tsv", kept, columns)
         started = time.perf_counter()
@@ -778,6 +862,8 @@ def retrain(args, model, train_used, files, mode, seed, folder, run, rankings, l
                  "chosen_epoch": trained.chosen_epoch, "seconds": round(time.perf_counter() - started, 1)}
         key = "nothing_rerun" if name == "nothing" else name
         results["choices"][key] = entry
+        if stages is not None:
+            stages.save(f"retrain-{name}", (key, entry))
         log(f"  retrain {key}: NDR@30 {entry['ndr@30'] if entry['ndr@30'] is not None else '-'} "
             f"accuracy {entry['held_out_accuracy']:.3f} ({entry['seconds']:.0f} s)")
         del trained
@@ -981,7 +1067,8 @@ def claims_text(results: dict) -> list[str]:
                  "on the same noisy labels it is scored on (an optimistic upper bound for influence).")
     for e in c["best_vs_loss"]:
         best = e["best"]
-        verdict = "beats" if e["best_minus_loss"] > 0 else "does not beat"
+        verdict = ("ties with" if abs(e["best_minus_loss"]) < 1e-9 else
+                   "beats" if e["best_minus_loss"] > 0 else "does not beat")
         lines.append(f"- {e['mode']} seed {e['seed']}: best projected choice ({best['scope']}, {best['agg']}, "
                      f"{best['metric']}, {best['projection']}) NDR@30 {e['best_ndr30']:.3f} {verdict} the "
                      f"training loss {e['loss_ndr30']:.3f} ({e['best_minus_loss']:+.3f}); best exact choice "
@@ -1022,7 +1109,15 @@ def markdown(results: dict) -> str:
              f"{s['max_length']}, {s['epochs']} epoch(s), checkpoint = lowest held-out loss, proj_dim {s['proj_dim']} "
              f"(attention units: embeddings, q/k/v/o per block, head). Seeds {s['seeds']}, modes {s['modes']}. "
              f"Wall time {s['wall_s']:.0f} s ({s['wall_s'] / 60:.1f} min) on {s['cpu_count']} cores, "
-             f"{s['torch_threads']} torch threads{', with --retrain' if s['retrain'] else ''}.", "",
+             f"{s['torch_threads']} torch threads{', with --retrain' if s['retrain'] else ''}"
+             + (f". Run in {len(s['attempts'])} invocations with --resume (the later ones continue from the "
+                "stages the earlier ones completed): "
+                + "; ".join(f"started {a['started']}, " + (f"{a['wall_s']:.0f} s" if a['wall_s'] else "killed")
+                            for a in s['attempts'])
+                + f"; {sum(a['wall_s'] or 0 for a in s['attempts']):.0f} s "
+                  f"({sum(a['wall_s'] or 0 for a in s['attempts']) / 60:.1f} min) in all, not counting killed ones; "
+                  "stage times below are those of the invocation that completed each stage"
+                if len(s.get("attempts", [])) > 1 else "") + ".", "",
              f"Command: `python benchmarks/ndr_sst2.py {' '.join(s['argv'])}`"
              + ("" if s["n"] == 4500 else f" (n = {s['n']} instead of the default 4,500)") + ".", "",
              f"Cosine: {s['cosine_route']}", "",
@@ -1202,6 +1297,8 @@ def parse_args(argv=None):
                         help="no run: recompute the claims and rewrite the report of an earlier NAME.json")
     parser.add_argument("--work-dir", type=Path, default=None, help="models and indexes (default: a temporary folder)")
     parser.add_argument("--keep-work", action="store_true", help="keep models and indexes")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --work-dir: checkpoint every stage there and continue a killed run from them")
     parser.add_argument("--noise", type=float, default=0.2)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16, help="training, build and audit batch size")
@@ -1223,6 +1320,8 @@ def parse_args(argv=None):
         parser.error("--modes takes full and/or lora")
     if any(c not in CHOICES for c in args.retrain_choices):
         parser.error(f"--retrain-choices takes {', '.join(CHOICES)}")
+    if args.resume and args.work_dir is None:
+        parser.error("--resume needs --work-dir (where the stages of the killed run are)")
     if args.jobs is None:
         args.jobs = 1 if args.tiny else min(2, os.cpu_count() or 1)
     if args.tiny:
@@ -1263,6 +1362,11 @@ def main(argv=None) -> dict:
                      "(units: merged q/k/v/o weights), not the LoRA A/B matrices.",
         "load_average_start": list(os.getloadavg()),
     }, "runs": {}}
+    attempts_file = work / "attempts.json"
+    attempts = json.loads(attempts_file.read_text()) if args.resume and attempts_file.exists() else []
+    attempts.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "ended": None, "wall_s": None})
+    if args.resume:
+        attempts_file.write_text(json.dumps(attempts))
     try:
         files = {seed: tiny_files(work, args.n, seed) if args.tiny else sst2_files(work, args.n, seed, args.data)
                  for seed in args.seeds}
@@ -1293,6 +1397,10 @@ def main(argv=None) -> dict:
         results["setup"]["n_queries"], results["setup"]["n_val"] = first["n_queries"], first["n_val"]
         results["setup"]["torch_threads"] = first["torch_threads"]
         results["setup"]["wall_s"] = round(time.perf_counter() - started, 1)
+        attempts[-1].update(ended=time.strftime("%Y-%m-%d %H:%M:%S"), wall_s=results["setup"]["wall_s"])
+        results["setup"]["attempts"] = attempts  # more than one: resumed after a kill (--resume)
+        if args.resume:
+            attempts_file.write_text(json.dumps(attempts))
         results["setup"]["load_average_end"] = list(os.getloadavg())
         results["claims"] = claims(results)
         paths = write_outputs(results, args.out_dir, args.name)
