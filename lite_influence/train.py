@@ -15,7 +15,7 @@ What ``MODEL_DIR`` holds:
   original model folder, as an absolute path, as its base;
 - ``train_used.<ext>``: the rows trained on (after ``--limit``), in input order, with the
   flipped labels, ``noisy`` (0/1) and ``label_original``; same format as the input (.csv, .tsv,
-  .jsonl; a .json file is written as .jsonl, a saved dataset folder as .tsv). Build the index
+  .jsonl; a .json file is written as .jsonl, a saved dataset folder or Parquet as .jsonl). Build the index
   on this file, and ``audit`` finds the ``noisy`` column by itself;
 - ``training.json``: the options, the effective learning rate and LoRA settings, the eval
   before training, per-epoch train loss, eval loss and accuracy, the chosen epoch, the number
@@ -298,8 +298,10 @@ def _is_id(value) -> bool:
 
 
 def _train_used_name(train_file) -> str:
-    ext = Path(train_file).suffix.lower() if Path(train_file).is_file() else ".tsv"
-    return "train_used" + {".csv": ".csv", ".tsv": ".tsv", ".jsonl": ".jsonl", ".json": ".jsonl"}.get(ext, ".tsv")
+    """The input's own format where it can hold every value it read; JSON lines otherwise (a
+    saved dataset or Parquet may hold texts with tabs and newlines, which TSV cannot)."""
+    ext = Path(train_file).suffix.lower() if Path(train_file).is_file() else ".jsonl"
+    return "train_used" + {".csv": ".csv", ".tsv": ".tsv"}.get(ext, ".jsonl")
 
 
 # ---------------------------------------------------------------- the training run
