@@ -1,0 +1,90 @@
+"""The word embeddings' gradient kept exactly on its token side: sparse rows, scored by token.
+
+An example's embedding gradient ``G = sum_t delta_t e(x_t)^T`` is zero outside the rows of its
+own tokens, so projecting its token side (random or eigen columns) only mixes rare tokens with
+each other and with frequent ones: a backdoor token, a name, a rare word is then lost in the
+sketch (DESIGN.md, "What a sketch must keep"). Instead each example keeps, for each distinct
+token t it holds, the projected output-side sum ``u[t] = sum_{x_s = t} R_out^T delta_s``
+(``k_out`` numbers). The influence of two examples is then exactly the sum over the tokens they
+share of ``<u_q[t], u_i[t]>`` (in the output sketch), which is also what the paper's TracIn_we
+computes by masking to shared tokens.
+
+Stored as CSR (``indptr``, ``tokens``, ``values``), rows sorted by token, plus a by-token order
+of the entries, so a query touches only the posting lists of its own tokens: the cost is the
+number of (example, token) entries that share a token with the query, not N x dims. Pure numpy;
+arrays may be memory-mapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class TokenRows:
+    indptr: np.ndarray  # (N + 1,) int64: example i owns entries indptr[i]:indptr[i+1]
+    tokens: np.ndarray  # (nnz,) int64, increasing within each example
+    values: np.ndarray  # (nnz, k) float32
+    by_token: np.ndarray | None = None  # (nnz,) entry order sorted by token (stable)
+
+    @classmethod
+    def from_lists(cls, rows: list[tuple[np.ndarray, np.ndarray]], k: int) -> "TokenRows":
+        """``rows[i] = (tokens, values)`` of example i; repeated tokens are summed."""
+        indptr, tokens, values = [0], [], []
+        for ids, vecs in rows:
+            ids, vecs = np.asarray(ids, np.int64), np.asarray(vecs, np.float32).reshape(len(ids), k)
+            unique, inverse = np.unique(ids, return_inverse=True)
+            summed = np.zeros((len(unique), k), np.float64)
+            np.add.at(summed, inverse, vecs)
+            tokens.append(unique)
+            values.append(summed.astype(np.float32))
+            indptr.append(indptr[-1] + len(unique))
+        return cls(np.asarray(indptr, np.int64),
+                   np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
+                   np.concatenate(values) if values else np.zeros((0, k), np.float32))
+
+    @property
+    def n(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[1]
+
+    def _order(self) -> np.ndarray:
+        if self.by_token is None:
+            self.by_token = np.argsort(self.tokens, kind="stable")
+        return self.by_token
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.indptr[i], self.indptr[i + 1]
+        return self.tokens[start:end], self.values[start:end]
+
+    def norms(self) -> np.ndarray:
+        """Each example's norm (the Frobenius norm of its sketched gradient)."""
+        squares = np.einsum("ij,ij->i", self.values, self.values, dtype=np.float64)
+        return np.sqrt(np.bincount(self._example_of(), weights=squares, minlength=self.n))
+
+    def _example_of(self) -> np.ndarray:
+        return np.repeat(np.arange(self.n), np.diff(self.indptr))
+
+    def scores(self, tokens: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Inner products of one query (its distinct tokens and their vectors) with every
+        example, in float64: only the posting lists of the query's tokens are read."""
+        order = self._order()
+        sorted_tokens, example_of = self.tokens[order], self._example_of()
+        out = np.zeros(self.n, np.float64)
+        starts = np.searchsorted(sorted_tokens, tokens, side="left")
+        ends = np.searchsorted(sorted_tokens, tokens, side="right")
+        for q, (start, end) in enumerate(zip(starts, ends)):
+            if end > start:
+                entries = order[start:end]
+                out += np.bincount(example_of[entries], weights=self.values[entries] @ values[q].astype(np.float64),
+                                   minlength=self.n)
+        return out
+
+    def gram(self, other: "TokenRows") -> np.ndarray:
+        """(other.n, self.n) inner products: every query of ``other`` against every example."""
+        return np.stack([self.scores(*other.row(q)) for q in range(other.n)]) if other.n else np.zeros((0, self.n))
