@@ -177,7 +177,7 @@ def info(
     summary = Table(show_header=False, box=None)
     for key, value in (("model", m["model"]["path"]), ("task", m["model"]["task"]),
                        ("examples", f"{m['n']:,}"), ("labels", ", ".join(m["label_names"])),
-                       ("projection", f"{m['projection']}, {m['proj_dim']} per side"),
+                       ("projection", f"{m['build']['projection']}, {m['build']['proj_dim']} per side"),
                        ("metric", m["metric"]), ("FAISS", m["index_factory"]),
                        ("data", m["data"]["path"]), ("size", _human(sum(sizes.values())))):
         summary.add_row(f"[bold]{key}[/]", escape(str(value)))
@@ -210,27 +210,13 @@ def query(
     index = InfluenceIndex.open(index_dir, model=model)
     if (text is None) == (file is None):
         raise UserError("pass either --text \"...\" or --file QUERIES.")
-    causal = index.manifest["model"].get("task") == "causal-lm"
-    if completion is not None and not causal:
-        raise UserError("--completion is for causal language model indexes; this index is a classifier's (use --label).")
-    if causal and (pair is not None or label is not None):
-        raise UserError("this index is a causal language model's: pass the prompt as --text and what it should say "
-                        "as --completion (not --pair or --label).")
-    if file is not None and causal:
-        from .data import load_lm_examples
-
-        examples = load_lm_examples(file, queries=True)
-        result = index.query(examples.texts, config=config, completion=examples.completions)
-    elif file is not None:
-        from .data import load_examples
-
-        examples = load_examples(file, label2id=index.label2id, require_label=False)
-        result = index.query(examples.texts, examples.pairs,
-                             examples.labels or [None] * len(examples), config)
-    elif causal:
-        result = index.query(text, config=config, completion=completion)
+    index.kind.check_query(pair=pair, label=label, completion=completion)
+    if file is not None:
+        examples = index.kind.read(file, label2id=index.label2id, queries=True)
+        result = index.query(examples.texts, examples.pairs, examples.labels or [None] * len(examples), config,
+                             completion=examples.completions)
     else:
-        result = index.query(text, pair, label, config)
+        result = index.query(text, pair, label, config, completion=completion)
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return
@@ -240,14 +226,14 @@ def query(
 def _print_query(result: dict, names: list[str]) -> None:
     q = result["query"]
     pred = q["prediction"]
-    causal = "completion_source" in q
-    if causal and len(result["queries"]) == 1:
+    lm = "completion_source" in q  # a completion is explained, not a label
+    if lm and len(result["queries"]) == 1:
         console.print(f"[bold]prompt[/]: {escape(q['text'])}")
         console.print(f"[bold]completion[/] ({q['completion_source']}, {q['completion_tokens']} tokens): "
                       f"{escape(q['completion'])}")
         console.print(f"loss {q['loss']:.3f} (summed over the completion's tokens); the model's argmax gives "
                       f"{q['argmax_matches']}/{q['completion_tokens']} of them")
-    elif causal:
+    elif lm:
         greedy = sum(x["argmax_matches"] == x["completion_tokens"] for x in result["queries"])
         console.print(f"[bold]{len(result['queries'])} queries[/], {greedy} whose completion is the model's argmax")
     elif len(result["queries"]) == 1:
@@ -260,22 +246,22 @@ def _print_query(result: dict, names: list[str]) -> None:
     if result["k_clamped"]:
         console.print(f"[yellow]note[/]: -k is larger than the index; showing all {result['k']} examples.")
     score = {"vote": "votes", "rank": "mean rank", "mean": "mean score"}[result["agg"]]
-    target = "completion" if causal else "label"
+    target = "completion" if lm else "label"
     for side, colour, blurb in (("proponents", "green", f"pushed towards this {target}"),
                                 ("opponents", "red", "pushed against it")):
         table = Table(title=f"[{colour}]{side}[/]: {blurb} ({result['agg']} over {len(result['layers'])} layers, {result['metric']})",
                       expand=True, title_justify="left")
         table.add_column("id", justify="right", no_wrap=True)
         table.add_column(score, justify="right", no_wrap=True)
-        columns = ("prompt", "completion") if causal else ("label", "text")
-        table.add_column(columns[0], no_wrap=True, overflow="ellipsis", ratio=1 if causal else None)
+        columns = ("prompt", "completion") if lm else ("label", "text")
+        table.add_column(columns[0], no_wrap=True, overflow="ellipsis", ratio=1 if lm else None)
         table.add_column(columns[1], ratio=1, no_wrap=True, overflow="ellipsis")
         table.add_column("layers", no_wrap=True, overflow="ellipsis", max_width=28)
         for row in result[side]:
             label = row["label"]
             name = names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
             flag = " [yellow](noisy)[/]" if truthy(row["extra"].get("noisy", "")) else ""
-            cells = ((escape(str(row["text"])), escape(str(row.get("completion"))) + flag) if causal
+            cells = ((escape(str(row["text"])), escape(str(row.get("completion"))) + flag) if lm
                      else (escape(name) + flag, escape(str(row["text"]))))
             table.add_row(str(row["id"]), f"{row['score']:.3g}", *cells, ",".join(row["retrieved_in"]))
         console.print(table)
@@ -314,7 +300,9 @@ def audit(
 
 
 def _print_audit(result) -> None:
-    levels = [f"ndr@{round(p * 100)}" for p in result.levels]
+    from .ndr import level_key
+
+    levels = [level_key(p) for p in result.levels]
     has_ndr = result.noisy is not None
     title = (f"{result.n:,} training examples, {result.n_queries} queries ({result.n_correct} predicted correctly)"
              + (f", {int(result.noisy.sum())} known noisy" if has_ndr else ""))
