@@ -59,7 +59,8 @@ class Session:
             for name in self.layers:
                 vectors[name][batch] = batch_vectors[name]
             if summaries is None:
-                summaries = np.zeros((n, batch_summary.shape[1]), batch_summary.dtype)
+                kind = np.float64 if batch_summary.dtype.kind == "f" else np.int64  # as before the split
+                summaries = np.zeros((n, batch_summary.shape[1]), kind)
             losses[batch], summaries[batch] = batch_losses, batch_summary
         return vectors, losses, summaries
 
