@@ -388,7 +388,7 @@ def hook_check(loaded, layers, index, encodings, labels, ids) -> dict:
     except ImportError:
         def unit_k(unit, proj_dim, exact_max=0):
             return proj_dim
-    proj_dim, seed = index.manifest["proj_dim"], index.manifest["seed"]
+    proj_dim, seed = index.manifest["build"]["proj_dim"], index.manifest["build"]["seed"]
     exact_max = index.manifest["build"].get("exact_max", 0)
     units = [u for us in layers.values() for u in us]
     grads, _, _ = unit_gradients(loaded, units, encodings, labels, list(ids))

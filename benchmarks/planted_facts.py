@@ -52,6 +52,7 @@ import lite_influence
 from build_speed import time_round_robin  # benchmarks/ is on sys.path when run as a script
 from lite_influence.data import write_rows
 from lite_influence.gradients import layer_vectors
+from lite_influence.lookup import lookup
 from lite_influence.models import LoadedModel, collate, encode, model_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -179,13 +180,13 @@ def evaluate(index, rows, facts, grads) -> dict:
         r1, r10, o_m, o10, negative = [], [], [], [], []
         for q, fact in enumerate(facts):
             vectors = {layer: grads.vectors[layer][q : q + 1] for layer in layers}
-            top = [row["id"] for row in index._lookup(vectors, layers, 1.0, k, agg)]
+            top = [row["id"] for row in lookup(index.store, index.examples, vectors, layers, 1.0, k, agg)]
             truth = true_ids[fact["key"]]
             r1.append(top[0] in truth)
             r10.append(len(truth & set(top[:10])) / len(truth))
             if fact["contradicted"]:
                 wrong = wrong_ids[fact["key"]]
-                bottom = [row["id"] for row in index._lookup(vectors, layers, -1.0, k, agg)]
+                bottom = [row["id"] for row in lookup(index.store, index.examples, vectors, layers, -1.0, k, agg)]
                 o_m.append(len(wrong & set(bottom[: len(wrong)])) / len(wrong))
                 o10.append(len(wrong & set(bottom[:10])) / len(wrong))
                 ids = np.array(sorted(wrong))
@@ -200,7 +201,8 @@ def evaluate(index, rows, facts, grads) -> dict:
 
 def speed(index, model_dir, rows, facts, args) -> dict:
     """Projected-gradient batches vs plain training steps (same batches), query speed."""
-    loaded, projectors, layers = index._model()
+    session = index.session()
+    loaded, projectors, layers = session.loaded, session.projectors, session.layers
     encodings = encode(loaded, [r["prompt"] for r in rows], None, 32, completions=[r["completion"] for r in rows])
     batches = [list(range(s, s + args.batch_size)) for s in range(0, len(rows) - args.batch_size + 1, args.batch_size)]
     trainee = copy.deepcopy(loaded.model).eval()

@@ -13,7 +13,8 @@ most negative first. How the lists are obtained, per aggregation:
 
 Lists are pre-aggregated per layer (each layer sees the same queries), so every group's
 ranking is a cheap combination of its layers' sums. This module drives the index through its
-public methods and imports neither torch nor faiss itself.
+public methods and imports neither torch nor faiss itself; its nearest opponents come from
+``lookup.nearest``, the routine behind ``query`` too.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from . import ndr
-from .aggregate import AGGREGATIONS, mean_ranks, order, vote_depth, votes
-from .data import load_examples, load_lm_examples, write_rows
+from .aggregate import mean_ranks, order, vote_depth, votes
+from .config import truthy
+from .data import write_rows
 from .errors import UserError
-
-TRUE = {"1", "true", "yes", "y", "t"}
+from .lookup import nearest
 
 
 @dataclass
@@ -77,24 +78,6 @@ class AuditResult:
         return write_rows(path, rows, ["rank", "id", "score", "label", "noisy", "text"])
 
 
-def _levels(spec: str) -> tuple[float, ...]:
-    try:
-        levels = tuple(float(x) / 100 for x in spec.split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"--levels must be percentages like 10,20,30, got '{spec}'") from None
-    if not levels or any(not 0 < p <= 1 for p in levels):
-        raise UserError(f"--levels must be percentages in (0, 100], got '{spec}'")
-    return levels
-
-
-def _aggs(spec: str) -> list[str]:
-    aggs = [a.strip() for a in spec.split(",") if a.strip()]
-    unknown = [a for a in aggs if a not in AGGREGATIONS]
-    if unknown or not aggs:
-        raise UserError(f"unknown aggregation '{','.join(unknown) or spec}'; use {', '.join(AGGREGATIONS)}")
-    return aggs
-
-
 def noise_flags(examples: list[dict], column: str | None) -> np.ndarray | None:
     """The known-noisy flags of the indexed examples; None when unknown (no NDR then)."""
     name = column or "noisy"
@@ -104,7 +87,7 @@ def noise_flags(examples: list[dict], column: str | None) -> np.ndarray | None:
         present = sorted({k for k in examples[0] if k != "id"})
         raise UserError(f"noise column '{column}' is not in the indexed training data; columns: "
                         f"{', '.join(present)}. Rebuild the index from a file with that column.")
-    return np.array([str(e.get(name)).strip().lower() in TRUE for e in examples])
+    return np.array([truthy(e.get(name)) for e in examples])
 
 
 def scopes(index, spec: str) -> dict[str, tuple[str, list[str]]]:
@@ -125,22 +108,17 @@ def scopes(index, spec: str) -> dict[str, tuple[str, list[str]]]:
 
 
 def run_audit(index, queries, config, progress) -> AuditResult:
-    levels, aggs = _levels(config.levels), _aggs(config.aggs)
-    if not 0 < config.vote_p <= 1:
-        raise UserError(f"--vote-p must be in (0, 1], got {config.vote_p}")
+    """The whole audit (module docstring); ``config`` is a validated ``AuditConfig``."""
+    levels, aggs = config.level_fractions, config.agg_list
     targets = scopes(index, config.layers)
     noisy = noise_flags(index.examples, config.noise_col)
     if noisy is not None and not noisy.any():
         noisy = None
-    if index.manifest["model"].get("task") == "causal-lm":  # prompt + completion rows
-        examples = load_lm_examples(queries, text_col=config.text_col, label_col=config.label_col)
-        progress("queries", 0, len(examples))
-        grads = index.gradients(examples.texts, batch_size=config.batch_size, completions=examples.completions)
-    else:
-        examples = load_examples(queries, text_col=config.text_col, pair_col=config.pair_col,
-                                 label_col=config.label_col, label2id=index.label2id)
-        progress("queries", 0, len(examples))
-        grads = index.gradients(examples.texts, examples.pairs, examples.labels, config.batch_size)
+    examples = index.kind.read(queries, text_col=config.text_col, pair_col=config.pair_col,
+                               label_col=config.label_col, label2id=index.label2id)
+    progress("queries", 0, len(examples))
+    grads = index.gradients(examples.texts, examples.pairs, examples.labels, config.batch_size,
+                            completions=examples.completions)
     progress("queries", len(examples), len(examples))
     subsets = {"all": np.ones(len(examples), bool)}
     if config.correct_only:
@@ -166,12 +144,10 @@ def run_audit(index, queries, config, progress) -> AuditResult:
                     row.update(ndr.summarise(ids, noisy, levels))
                 result.table.append(row)
     if noisy is not None:
-        m = int(noisy.sum())
-        key = lambda p: f"ndr@{round(p * 100)}"
+        m, n, key = int(noisy.sum()), len(index), ndr.level_key
         result.baselines = {
-            "random": {**{key(p): ndr.random_ndr_at(len(index), m, p) for p in levels},
-                       "auc_ndr": ndr.random_auc_ndr(len(index), m)},
-            "perfect": {**{key(p): ndr.perfect_ndr_at(len(index), m, p) for p in levels}, "auc_ndr": 1.0},
+            "random": {**{key(p): ndr.random_ndr_at(n, m, p) for p in levels}, "auc_ndr": ndr.random_auc_ndr(n, m)},
+            "perfect": {**{key(p): ndr.perfect_ndr_at(n, m, p) for p in levels}, "auc_ndr": 1.0},
         }
     else:
         result.notes.append("no noise column in the indexed data: rankings only, no NDR")
@@ -185,7 +161,7 @@ def _layer_sums(index, layer, vectors, subsets, aggs, vote_p):
     need_full = "mean" in aggs or "rank" in aggs
     full = queries @ index.store.vectors(layer).T if need_full else None  # (Q, N)
     if "vote" in aggs:
-        neighbours = _nearest_opponents(index, layer, queries, vote_depth(len(index), vote_p))
+        neighbours = nearest(index.store, layer, queries, -1.0, vote_depth(len(index), vote_p))
     sums = {}
     for subset, mask in subsets.items():
         rows = np.flatnonzero(mask)
@@ -202,22 +178,6 @@ def _layer_sums(index, layer, vectors, subsets, aggs, vote_p):
             sums[subset]["vote"] = votes([neighbours[q] for q in rows], len(index), vote_p)
     cancel = ndr.cancellation_ratio(full) if full is not None and len(full) else float("nan")
     return sums, cancel
-
-
-def _nearest_opponents(index, layer: str, queries: np.ndarray, depth: int) -> np.ndarray:
-    """The ``depth`` most negative-influence examples per query, exactly as a full sort would
-    give them: FAISS retrieves a few more than needed in float32, then the candidates are
-    ordered by float64 inner products, ties by id (duplicate texts have identical vectors,
-    and FAISS breaks such ties arbitrarily)."""
-    n = len(index)
-    margin = min(n - depth, max(16, depth // 100))
-    _, candidates = index.store.search(layer, -queries, depth + margin)
-    result = np.empty((len(queries), depth), dtype=np.int64)
-    for q, ids in enumerate(candidates):
-        ids = ids[ids >= 0]
-        exact = index.store.vectors(layer, ids).astype(np.float64) @ queries[q].astype(np.float64)
-        result[q] = ids[np.lexsort((ids, exact))[:depth]]
-    return result
 
 
 def _combine(agg: str, parts: list[np.ndarray], lists_per_layer: int) -> tuple[np.ndarray, np.ndarray]:

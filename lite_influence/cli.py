@@ -4,9 +4,12 @@ and exits 2, with the traceback only under ``--debug``."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import AuditConfig, BuildConfig, QueryConfig, TrainConfig, help_of
+from .config import AuditConfig, BuildConfig, QueryConfig, TrainConfig, cli_parameters, truthy
 from .errors import UserError
 
 app = typer.Typer(
@@ -44,10 +47,31 @@ def _global(
     STATE.update(debug=debug, quiet=quiet)
 
 
-def _opt(cls, name: str, *flags: str):
-    default = cls.__dataclass_fields__[name].default
-    flag = "--" + name.replace("_", "-")
-    return typer.Option(default, flag, *flags, help=help_of(cls, name))
+def options_of(cls, param: str = "config"):
+    """Decorator: the command's parameter ``param`` (annotated ``cls``) becomes one typer
+    option per field of ``cls`` (config.py declares them); the command receives the filled
+    dataclass. Bergson builds its CLI from dataclasses the same way."""
+    names = [f.name for f in fields(cls)]
+
+    def wrap(func):
+        signature = inspect.signature(func, eval_str=True)
+        params = []
+        for p in signature.parameters.values():
+            if p.name != param:
+                params.append(p)
+                continue
+            params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
+                       for name, annotation, default in cli_parameters(cls)]
+
+        @functools.wraps(func)
+        def command(**kwargs):
+            config = cls(**{name: kwargs.pop(name) for name in names})
+            return func(**kwargs, **{param: config})
+
+        command.__signature__ = signature.replace(parameters=params)
+        return command
+
+    return wrap
 
 
 @contextmanager
@@ -80,28 +104,12 @@ def _progress():
 
 
 @app.command(epilog="Example: lite-influence build ./my-model train.tsv --out runs/index --projection pca --proj-dim 8")
+@options_of(BuildConfig)
 def build(
     model: Path = typer.Argument(..., help="Model folder (save_pretrained): config, weights, tokenizer."),
     train_file: Path = typer.Argument(..., help="Training examples: .csv, .tsv, .jsonl, or a datasets.save_to_disk folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Index folder to write (replaced atomically when the build succeeds)."),
-    text_col: Optional[str] = _opt(BuildConfig, "text_col"),
-    pair_col: Optional[str] = _opt(BuildConfig, "pair_col"),
-    label_col: Optional[str] = _opt(BuildConfig, "label_col"),
-    layers: str = _opt(BuildConfig, "layers"),
-    granularity: str = _opt(BuildConfig, "granularity"),
-    projection: str = _opt(BuildConfig, "projection"),
-    proj_dim: int = _opt(BuildConfig, "proj_dim"),
-    exact_max: int = _opt(BuildConfig, "exact_max"),
-    fit_examples: int = _opt(BuildConfig, "fit_examples"),
-    metric: str = _opt(BuildConfig, "metric"),
-    index_factory: str = _opt(BuildConfig, "index_factory"),
-    batch_size: int = _opt(BuildConfig, "batch_size"),
-    max_length: int = _opt(BuildConfig, "max_length"),
-    seed: int = _opt(BuildConfig, "seed"),
-    limit: Optional[int] = _opt(BuildConfig, "limit"),
-    num_labels: Optional[int] = _opt(BuildConfig, "num_labels"),
-    task: Optional[str] = _opt(BuildConfig, "task"),
-    completion_col: Optional[str] = _opt(BuildConfig, "completion_col"),
+    config: BuildConfig = None,
     force: bool = typer.Option(False, "--force", help="Replace --out even if it is not an index."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted build of the same settings from where it stopped."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -109,11 +117,6 @@ def build(
     """Index the per-layer projected gradient of every training example."""
     from .api import build_index
 
-    config = BuildConfig(text_col=text_col, pair_col=pair_col, label_col=label_col, layers=layers,
-                         granularity=granularity, projection=projection, proj_dim=proj_dim, exact_max=exact_max,
-                         fit_examples=fit_examples, metric=metric, index_factory=index_factory,
-                         batch_size=batch_size, max_length=max_length, seed=seed, limit=limit,
-                         num_labels=num_labels, task=task, completion_col=completion_col)
     with _progress() as progress:
         index = build_index(model, train_file, out, config, force=force, resume=resume, progress=progress)
     if as_json:
@@ -125,37 +128,18 @@ def build(
 
 
 @app.command(epilog="Example: lite-influence train ./minilm train.tsv --out runs/model --noise 0.2 --eval-file dev.tsv --epochs 3")
+@options_of(TrainConfig)
 def train(
     model: Path = typer.Argument(..., help="Model folder (save_pretrained) to fine-tune."),
     train_file: Path = typer.Argument(..., help="Labelled training examples: .csv, .tsv, .jsonl, or a save_to_disk folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the fine-tuned model (written atomically)."),
-    text_col: Optional[str] = _opt(TrainConfig, "text_col"),
-    pair_col: Optional[str] = _opt(TrainConfig, "pair_col"),
-    label_col: Optional[str] = _opt(TrainConfig, "label_col"),
-    noise: float = _opt(TrainConfig, "noise"),
-    seed: int = _opt(TrainConfig, "seed"),
-    epochs: int = _opt(TrainConfig, "epochs"),
-    lr: Optional[float] = _opt(TrainConfig, "lr"),
-    batch_size: int = _opt(TrainConfig, "batch_size"),
-    max_length: int = _opt(TrainConfig, "max_length"),
-    eval_file: Optional[Path] = _opt(TrainConfig, "eval_file"),
-    lora_rank: Optional[int] = _opt(TrainConfig, "lora_rank"),
-    lora_alpha: Optional[float] = _opt(TrainConfig, "lora_alpha"),
-    weight_decay: float = _opt(TrainConfig, "weight_decay"),
-    num_labels: Optional[int] = _opt(TrainConfig, "num_labels"),
-    label_names: Optional[str] = _opt(TrainConfig, "label_names"),
-    limit: Optional[int] = _opt(TrainConfig, "limit"),
+    config: TrainConfig = None,
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the training history as JSON."),
 ):
     """Fine-tune a classifier (fully or with LoRA), optionally flipping a seeded fraction of labels first."""
     from .train import train_model
 
-    config = TrainConfig(text_col=text_col, pair_col=pair_col, label_col=label_col, noise=noise, seed=seed,
-                         epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-                         eval_file=str(eval_file) if eval_file else None, lora_rank=lora_rank,
-                         lora_alpha=lora_alpha, weight_decay=weight_decay, num_labels=num_labels,
-                         label_names=label_names, limit=limit)
     with _progress() as progress:
         result = train_model(model, train_file, out, config, force=force, progress=progress)
     if as_json:
@@ -193,7 +177,7 @@ def info(
     summary = Table(show_header=False, box=None)
     for key, value in (("model", m["model"]["path"]), ("task", m["model"]["task"]),
                        ("examples", f"{m['n']:,}"), ("labels", ", ".join(m["label_names"])),
-                       ("projection", f"{m['projection']}, {m['proj_dim']} per side"),
+                       ("projection", f"{m['build']['projection']}, {m['build']['proj_dim']} per side"),
                        ("metric", m["metric"]), ("FAISS", m["index_factory"]),
                        ("data", m["data"]["path"]), ("size", _human(sum(sizes.values())))):
         summary.add_row(f"[bold]{key}[/]", escape(str(value)))
@@ -208,6 +192,7 @@ def info(
 
 @app.command(epilog="Examples:\n\n  lite-influence query runs/index --text \"a gorgeous, witty film\" -k 5\n\n"
                      "  lite-influence query runs/index --file dev.tsv --layers middle --agg rank --json")
+@options_of(QueryConfig)
 def query(
     index_dir: Path = typer.Argument(..., help="An index folder written by `build`."),
     text: Optional[str] = typer.Option(None, "--text", "-t", help="The test example to explain (for a causal LM: the prompt)."),
@@ -215,42 +200,23 @@ def query(
     pair: Optional[str] = typer.Option(None, "--pair", help="Second text of a pair, if the model takes pairs."),
     label: Optional[str] = typer.Option(None, "--label", "-l", help="Label to explain (id or name); default: the model's prediction."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl); their lists are aggregated together."),
-    k: int = _opt(QueryConfig, "k", "-k"),
-    layers: str = _opt(QueryConfig, "layers"),
-    agg: str = _opt(QueryConfig, "agg"),
-    batch_size: int = _opt(QueryConfig, "batch_size"),
-    max_new_tokens: int = _opt(QueryConfig, "max_new_tokens"),
+    config: QueryConfig = None,
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ):
     """Which training examples pushed the model to this answer (proponents), and which fought it (opponents)."""
     from .api import InfluenceIndex
 
-    config = QueryConfig(k=k, layers=layers, agg=agg, batch_size=batch_size, max_new_tokens=max_new_tokens)
     index = InfluenceIndex.open(index_dir, model=model)
     if (text is None) == (file is None):
         raise UserError("pass either --text \"...\" or --file QUERIES.")
-    causal = index.manifest["model"].get("task") == "causal-lm"
-    if completion is not None and not causal:
-        raise UserError("--completion is for causal language model indexes; this index is a classifier's (use --label).")
-    if causal and (pair is not None or label is not None):
-        raise UserError("this index is a causal language model's: pass the prompt as --text and what it should say "
-                        "as --completion (not --pair or --label).")
-    if file is not None and causal:
-        from .data import load_lm_examples
-
-        examples = load_lm_examples(file, queries=True)
-        result = index.query(examples.texts, config=config, completion=examples.completions)
-    elif file is not None:
-        from .data import load_examples
-
-        examples = load_examples(file, label2id=index.label2id, require_label=False)
-        result = index.query(examples.texts, examples.pairs,
-                             examples.labels or [None] * len(examples), config)
-    elif causal:
-        result = index.query(text, config=config, completion=completion)
+    index.kind.check_query(pair=pair, label=label, completion=completion)
+    if file is not None:
+        examples = index.kind.read(file, label2id=index.label2id, queries=True)
+        result = index.query(examples.texts, examples.pairs, examples.labels or [None] * len(examples), config,
+                             completion=examples.completions)
     else:
-        result = index.query(text, pair, label, config)
+        result = index.query(text, pair, label, config, completion=completion)
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return
@@ -260,14 +226,14 @@ def query(
 def _print_query(result: dict, names: list[str]) -> None:
     q = result["query"]
     pred = q["prediction"]
-    causal = "completion_source" in q
-    if causal and len(result["queries"]) == 1:
+    lm = "completion_source" in q  # a completion is explained, not a label
+    if lm and len(result["queries"]) == 1:
         console.print(f"[bold]prompt[/]: {escape(q['text'])}")
         console.print(f"[bold]completion[/] ({q['completion_source']}, {q['completion_tokens']} tokens): "
                       f"{escape(q['completion'])}")
         console.print(f"loss {q['loss']:.3f} (summed over the completion's tokens); the model's argmax gives "
                       f"{q['argmax_matches']}/{q['completion_tokens']} of them")
-    elif causal:
+    elif lm:
         greedy = sum(x["argmax_matches"] == x["completion_tokens"] for x in result["queries"])
         console.print(f"[bold]{len(result['queries'])} queries[/], {greedy} whose completion is the model's argmax")
     elif len(result["queries"]) == 1:
@@ -280,41 +246,33 @@ def _print_query(result: dict, names: list[str]) -> None:
     if result["k_clamped"]:
         console.print(f"[yellow]note[/]: -k is larger than the index; showing all {result['k']} examples.")
     score = {"vote": "votes", "rank": "mean rank", "mean": "mean score"}[result["agg"]]
-    target = "completion" if causal else "label"
+    target = "completion" if lm else "label"
     for side, colour, blurb in (("proponents", "green", f"pushed towards this {target}"),
                                 ("opponents", "red", "pushed against it")):
         table = Table(title=f"[{colour}]{side}[/]: {blurb} ({result['agg']} over {len(result['layers'])} layers, {result['metric']})",
                       expand=True, title_justify="left")
         table.add_column("id", justify="right", no_wrap=True)
         table.add_column(score, justify="right", no_wrap=True)
-        columns = ("prompt", "completion") if causal else ("label", "text")
-        table.add_column(columns[0], no_wrap=True, overflow="ellipsis", ratio=1 if causal else None)
+        columns = ("prompt", "completion") if lm else ("label", "text")
+        table.add_column(columns[0], no_wrap=True, overflow="ellipsis", ratio=1 if lm else None)
         table.add_column(columns[1], ratio=1, no_wrap=True, overflow="ellipsis")
         table.add_column("layers", no_wrap=True, overflow="ellipsis", max_width=28)
         for row in result[side]:
             label = row["label"]
             name = names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
-            flag = " [yellow](noisy)[/]" if str(row["extra"].get("noisy", "")).lower() in ("1", "true") else ""
-            cells = ((escape(str(row["text"])), escape(str(row.get("completion"))) + flag) if causal
+            flag = " [yellow](noisy)[/]" if truthy(row["extra"].get("noisy", "")) else ""
+            cells = ((escape(str(row["text"])), escape(str(row.get("completion"))) + flag) if lm
                      else (escape(name) + flag, escape(str(row["text"]))))
             table.add_row(str(row["id"]), f"{row['score']:.3g}", *cells, ",".join(row["retrieved_in"]))
         console.print(table)
 
 
 @app.command(epilog="Example: lite-influence audit runs/index influence.tsv --agg rank,vote --export ranking.csv --plot curves.png")
+@options_of(AuditConfig)
 def audit(
     index_dir: Path = typer.Argument(..., help="An index folder written by `build`."),
     query_file: Path = typer.Argument(..., help="The influence set: clean, labelled examples (csv/tsv/jsonl)."),
-    layers: str = _opt(AuditConfig, "layers"),
-    aggs: str = typer.Option(AuditConfig.aggs, "--agg", help=help_of(AuditConfig, "aggs")),
-    correct_only: bool = _opt(AuditConfig, "correct_only"),
-    vote_p: float = _opt(AuditConfig, "vote_p"),
-    levels: str = _opt(AuditConfig, "levels"),
-    noise_col: Optional[str] = _opt(AuditConfig, "noise_col"),
-    text_col: Optional[str] = _opt(AuditConfig, "text_col"),
-    pair_col: Optional[str] = _opt(AuditConfig, "pair_col"),
-    label_col: Optional[str] = _opt(AuditConfig, "label_col"),
-    batch_size: int = _opt(AuditConfig, "batch_size"),
+    config: AuditConfig = None,
     export: Optional[Path] = typer.Option(None, "--export", help="Write the full ranking (all layers, first --agg) to this csv/tsv/jsonl."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw detection curves of every group to this PNG."),
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
@@ -323,9 +281,6 @@ def audit(
     """Rank training examples from most to least detrimental, and score the ranking with NDR."""
     from .api import InfluenceIndex
 
-    config = AuditConfig(layers=layers, aggs=aggs, correct_only=correct_only, vote_p=vote_p,
-                         levels=levels, noise_col=noise_col, text_col=text_col, pair_col=pair_col,
-                         label_col=label_col, batch_size=batch_size)
     index = InfluenceIndex.open(index_dir, model=model)
     with _progress() as progress:
         result = index.audit(query_file, config, progress=progress)
@@ -345,7 +300,9 @@ def audit(
 
 
 def _print_audit(result) -> None:
-    levels = [f"ndr@{round(p * 100)}" for p in result.levels]
+    from .ndr import level_key
+
+    levels = [level_key(p) for p in result.levels]
     has_ndr = result.noisy is not None
     title = (f"{result.n:,} training examples, {result.n_queries} queries ({result.n_correct} predicted correctly)"
              + (f", {int(result.noisy.sum())} known noisy" if has_ndr else ""))

@@ -1,21 +1,49 @@
-"""One dataclass per command: what the CLI flags map onto and what the manifest records.
+"""One dataclass per command, and the only place an option is declared.
 
-Each field's ``help`` metadata is the flag's help text, so the CLI, the Python API and the
-manifest never disagree about an option's name, default or meaning. No torch here.
+A field is an option: its type and default are the dataclass's, its help text, flag name
+(default ``--field-name``) and short flag live in its metadata (``option``). The CLI builds
+its typer parameters from these fields (``cli_parameters``), the Python API takes the same
+names as keywords, ``validate()`` holds the checks both share (so a Python user gets the
+CLI's one-line errors), and the manifest records ``to_dict()``. Groups of options that
+several commands share (``Columns``, ``ModelOptions``) are base dataclasses, so their fields
+stay flat (``config.text_col``) and are declared once. No torch, faiss or typer at import.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass, field, fields
+
+from .errors import UserError
+
+TRUE_WORDS = frozenset({"1", "1.0", "true", "yes", "y", "t"})
+
+
+def truthy(value) -> bool:
+    """Whether a flag read from a file or a flag column means "true" (1, true, yes, y, t)."""
+    return str(value).strip().lower() in TRUE_WORDS
 
 
 def option(default, help: str, flag: str | None = None, short: str | None = None):
+    """A field that is a command-line option (``flag`` defaults to ``--field-name``)."""
     return field(default=default, metadata={"help": help, "flag": flag, "short": short})
+
+
+def flag_of(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _at_least(config, names: tuple[str, ...], low: int, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if (value is not None or not optional) and value < low:
+            flag = flag_of(next(f for f in fields(config) if f.name == name))
+            raise UserError(f"{flag} must be {'at least 1' if low == 1 else f'{low} or more'}, got {value}")
 
 
 class Options:
     """What every command's dataclass shares: a plain dict for manifests and JSON, and back
-    (unknown keys, e.g. from a newer version, are ignored)."""
+    (unknown keys, e.g. from a newer version, are ignored), and a ``validate`` hook."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -25,14 +53,32 @@ class Options:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def validate(self):
+        """Raise ``UserError`` for a value no command accepts; returns self."""
+        return self
+
 
 @dataclass
-class BuildConfig(Options):
-    """Options of ``lite-influence build``."""
+class Columns(Options):
+    """Where a data file keeps its texts and labels (build, audit and train read files)."""
 
     text_col: str | None = option(None, "Column holding the text (default: text, sentence, prompt, content or question).")
     pair_col: str | None = option(None, "Column holding the second text of a pair (NLI, QA), if any.")
     label_col: str | None = option(None, "Column holding the label: an id (0, 1) or a name the model knows (default: label).")
+
+
+@dataclass
+class ModelOptions(Options):
+    """How a model folder is read and fed (build and train)."""
+
+    max_length: int = option(128, "Tokens per example; longer texts are truncated.")
+    num_labels: int | None = option(None, "Classes of a newly initialised head, when the model folder has none (default 2).")
+
+
+@dataclass
+class BuildConfig(ModelOptions, Columns):
+    """Options of ``lite-influence build``."""
+
     layers: str = option("attention", "Which units to index: attention (embeddings, attention linears, head), mlp, all, a group (early, middle, late, embeddings, head), a layer (block3) or a regex over module names; comma-separated.")
     granularity: str = option("layer", "One index per transformer block ('layer') or per weight matrix ('unit').")
     projection: str = option("pca", "pca: fitted Kronecker eigenbasis (keeps far more per dim); random: seeded Gaussian (needs no fitting pass).")
@@ -42,63 +88,120 @@ class BuildConfig(Options):
     metric: str = option("cosine", "cosine: normalise vectors (best for lookup); dot: raw TracIn inner products (the paper's score).")
     index_factory: str = option("Flat", "FAISS index factory string: Flat (exact), HNSW32, IVF256,Flat, PQ32, ...")
     batch_size: int = option(16, "Examples per forward/backward pass.")
-    max_length: int = option(128, "Tokens per example; longer texts are truncated.")
     seed: int = option(0, "Seed for the random projection, the fitting sample and a newly initialised head.")
     limit: int | None = option(None, "Index only the first N rows of the training file.")
-    num_labels: int | None = option(None, "Classes of a newly initialised head, when the model folder has none (default 2).")
     task: str | None = option(None, "classification or causal-lm (default: detected from the model's architecture, e.g. GPT2LMHeadModel, LlamaForCausalLM).")
     completion_col: str | None = option(None, "Causal LM: column holding the completion, whose tokens alone carry the loss (default: completion, response, answer, output or target); --text-col is then the prompt. Without one, each text is a whole completion.")
+
+    def validate(self):
+        from .index import METRICS, check_factory
+        from .projection import PROJECTIONS
+
+        if self.projection not in PROJECTIONS:
+            raise UserError(f"unknown projection '{self.projection}'; use one of {', '.join(PROJECTIONS)}")
+        if self.metric not in METRICS:
+            raise UserError(f"unknown metric '{self.metric}'; use one of {', '.join(METRICS)}")
+        _at_least(self, ("proj_dim", "batch_size", "max_length", "fit_examples"), 1)
+        _at_least(self, ("exact_max",), 0)
+        _at_least(self, ("limit",), 1, optional=True)
+        check_factory(self.index_factory)
+        return self
+
+
+AGGREGATIONS = ("mean", "rank", "vote")  # aggregate.py's names; kept here so config stays light
 
 
 @dataclass
 class QueryConfig(Options):
     """Options of ``lite-influence query``."""
 
-    k: int = option(10, "How many proponents and opponents to show.", short="-k")
+    k: int = option(10, "How many proponents and opponents to show.", flag="--k", short="-k")
     layers: str = option("all", "Layers to search: a group (embeddings, early, middle, late, head, all) or layer names, comma-separated.")
     agg: str = option("vote", "How the layers' lists are combined: vote (weighted by rank), rank (mean rank) or mean (mean exact score).")
     batch_size: int = option(16, "Queries per forward/backward pass (with --file).")
     max_new_tokens: int = option(20, "Causal LM without --completion: explain the model's greedy continuation of up to this many tokens (it stops at end-of-text).")
 
+    def validate(self):
+        if self.agg not in AGGREGATIONS:
+            raise UserError(f"unknown aggregation '{self.agg}'; use one of {', '.join(AGGREGATIONS)}")
+        if self.k < 1:
+            raise UserError(f"-k must be at least 1, got {self.k}")
+        return self
+
 
 @dataclass
-class AuditConfig(Options):
-    """Options of ``lite-influence audit``."""
+class AuditConfig(Columns):
+    """Options of ``lite-influence audit`` (the columns are the query file's)."""
 
     layers: str = option("each,groups", "What to score: 'each' (every layer alone), 'groups' (embeddings, early, middle, late, head, all), or layer/group names; comma-separated.")
-    aggs: str = option("mean,rank,vote", "Aggregations to compare, comma-separated: mean, rank, vote.")
+    aggs: str = option("mean,rank,vote", "Aggregations to compare, comma-separated: mean, rank, vote.", flag="--agg")
     correct_only: bool = option(False, "Also report the -c variants: only queries the model predicts correctly.")
     vote_p: float = option(0.2, "Vote: each (layer, query) list votes for its bottom p fraction of training examples.")
     levels: str = option("10,20,30", "NDR levels in percent of the training set, comma-separated.")
     noise_col: str | None = option(None, "Column of the indexed training data flagging known-mislabeled examples (1/true); default: 'noisy' when present.")
-    text_col: str | None = option(None, "Text column of the query file (default: as in build).")
-    pair_col: str | None = option(None, "Pair column of the query file, if any.")
-    label_col: str | None = option(None, "Label column of the query file (default: label).")
     batch_size: int = option(16, "Queries per forward/backward pass.")
+
+    @property
+    def level_fractions(self) -> tuple[float, ...]:
+        """``levels`` as fractions of the training set (10 -> 0.1)."""
+        try:
+            levels = tuple(float(x) / 100 for x in self.levels.split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"--levels must be percentages like 10,20,30, got '{self.levels}'") from None
+        if not levels or any(not 0 < p <= 1 for p in levels):
+            raise UserError(f"--levels must be percentages in (0, 100], got '{self.levels}'")
+        return levels
+
+    @property
+    def agg_list(self) -> list[str]:
+        aggs = [a.strip() for a in self.aggs.split(",") if a.strip()]
+        unknown = [a for a in aggs if a not in AGGREGATIONS]
+        if unknown or not aggs:
+            raise UserError(f"unknown aggregation '{','.join(unknown) or self.aggs}'; use {', '.join(AGGREGATIONS)}")
+        return aggs
+
+    def validate(self):
+        self.level_fractions, self.agg_list
+        if not 0 < self.vote_p <= 1:
+            raise UserError(f"--vote-p must be in (0, 1], got {self.vote_p}")
+        _at_least(self, ("batch_size",), 1)
+        return self
+
+
+@dataclass
+class TrainConfig(ModelOptions, Columns):
+    """Options of ``lite-influence train`` (fine-tuning a sequence classifier to index).
+    Its checks live in train.py (``_check``), which owns training."""
+
+    noise: float = option(0.0, "Fraction of training labels to flip (seeded) before training, for noise-detection benchmarks; flipped rows get noisy=1 in train_used.")
+    seed: int = option(0, "Seed for the label noise, shuffling, dropout, a newly initialised head and the LoRA matrices.")
+    epochs: int = option(3, "Passes over the training data.")
+    lr: float | None = option(None, "Peak learning rate of AdamW (linear schedule, 10% warmup); default 5e-5, or 1e-3 with --lora-rank.")
+    batch_size: int = option(16, "Examples per optimiser step (the loss is their mean).")
+    eval_file: str | None = option(None, "Labelled held-out file evaluated after every epoch; the epoch with the lowest eval loss is kept (without it, the last epoch).")
+    lora_rank: int | None = option(None, "Train LoRA adapters of this rank on the attention query and value projections (plus the classification head) instead of every weight.")
+    lora_alpha: float | None = option(None, "LoRA scaling alpha (default 2 x --lora-rank).")
+    weight_decay: float = option(0.01, "AdamW weight decay, applied to weight matrices (not to biases or norms).")
+    label_names: str | None = option(None, "Names of the classes, comma-separated in id order (e.g. negative,positive): shown in every table and accepted as labels.")
+    limit: int | None = option(None, "Train on only the first N rows of the training file.")
 
 
 def help_of(cls, name: str) -> str:
     return next(f.metadata["help"] for f in fields(cls) if f.name == name)
 
 
-@dataclass
-class TrainConfig(Options):
-    """Options of ``lite-influence train`` (fine-tuning a sequence classifier to index)."""
+def cli_parameters(cls) -> list[tuple[str, object, object]]:
+    """(name, annotation, typer.Option) per field of ``cls``: what cli.py turns into a
+    command's signature. typer is imported here, lazily, so the API never needs it."""
+    import typer
 
-    text_col: str | None = option(None, "Column holding the text (default: text, sentence, prompt, content or question).")
-    pair_col: str | None = option(None, "Column holding the second text of a pair (NLI, QA), if any.")
-    label_col: str | None = option(None, "Column holding the label: an id (0, 1) or a name the model knows (default: label).")
-    noise: float = option(0.0, "Fraction of training labels to flip (seeded) before training, for noise-detection benchmarks; flipped rows get noisy=1 in train_used.")
-    seed: int = option(0, "Seed for the label noise, shuffling, dropout, a newly initialised head and the LoRA matrices.")
-    epochs: int = option(3, "Passes over the training data.")
-    lr: float | None = option(None, "Peak learning rate of AdamW (linear schedule, 10% warmup); default 5e-5, or 1e-3 with --lora-rank.")
-    batch_size: int = option(16, "Examples per optimiser step (the loss is their mean).")
-    max_length: int = option(128, "Tokens per example; longer texts are truncated.")
-    eval_file: str | None = option(None, "Labelled held-out file evaluated after every epoch; the epoch with the lowest eval loss is kept (without it, the last epoch).")
-    lora_rank: int | None = option(None, "Train LoRA adapters of this rank on the attention query and value projections (plus the classification head) instead of every weight.")
-    lora_alpha: float | None = option(None, "LoRA scaling alpha (default 2 x --lora-rank).")
-    weight_decay: float = option(0.01, "AdamW weight decay, applied to weight matrices (not to biases or norms).")
-    num_labels: int | None = option(None, "Classes of a newly initialised head, when the model folder has none (default 2).")
-    label_names: str | None = option(None, "Names of the classes, comma-separated in id order (e.g. negative,positive): shown in every table and accepted as labels.")
-    limit: int | None = option(None, "Train on only the first N rows of the training file.")
-
+    hints = typing.get_type_hints(cls)
+    result = []
+    for f in fields(cls):
+        names = [flag_of(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+        annotation = hints[f.name]
+        args = typing.get_args(annotation)
+        if type(None) in args:  # typer wants Optional[X], not X | None
+            annotation = typing.Optional[next(a for a in args if a is not type(None))]
+        result.append((f.name, annotation, typer.Option(f.default, *names, help=f.metadata["help"])))
+    return result

@@ -245,7 +245,8 @@ def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, lis
 
     Concatenating a layer's unit vectors makes the layer's inner product the sum of its
     units' inner products, which is that layer's influence. ``labels`` None: the encodings
-    carry their own (causal LM).
+    carry their own (causal LM); a label of -1 (``tasks.PREDICTED``) is the model's argmax in
+    this same forward pass, so a query with no label costs one forward and one backward.
     """
     from .models import collate, example_losses, output_summary
 

@@ -10,30 +10,10 @@ Task kinds (``TASKS``), detected from the config's ``architectures`` unless give
 * ``classification``: ``AutoModelForSequenceClassification``; one label id per example, the
   loss is the cross-entropy of the logits.
 * ``causal-lm`` (an architecture ending in ``ForCausalLM`` or ``LMHeadModel``):
-  ``AutoModelForCausalLM``; each example is a prompt and a completion. Decisions:
+  ``AutoModelForCausalLM``; each example is a prompt and a completion.
 
-  - The prompt is tokenised *with* the tokenizer's special tokens (Llama's BOS), the
-    completion *without*, and the two id lists are concatenated (no text is re-joined, so a
-    completion's first token is what the completion alone tokenises to; give it its leading
-    space, " value v42", as it would appear after the prompt). No EOS is appended.
-  - An empty prompt (a file with only a text column: the whole text is the completion)
-    becomes the BOS token, or EOS where there is no BOS (GPT-2's ``<|endoftext|>``), so that
-    the completion's first token is predicted too.
-  - Too long: the completion is kept (its first ``max_length - 1`` tokens when it alone is
-    too long) and the prompt loses tokens from its *start*, keeping those next to the
-    completion.
-  - ``labels`` holds the completion's token ids and -100 on prompt tokens (and, after
-    ``collate``, on padding). The loss is the token cross-entropy of the shifted logits,
-    *summed* over an example's label positions (not averaged: an example's gradient is the
-    sum of its tokens', as TracIn over token losses would have it).
-  - A completion that tokenises to nothing (or leaves no token to predict) is a
-    ``UserError``.
-  - ``collate`` pads labels with -100 and ``example_losses`` drops them before the forward
-    pass, so the model never computes its own (mean) loss.
-  - ``greedy_completions``: argmax decoding with the key/value cache, stopping after
-    ``max_new_tokens`` or at the first EOS (kept, as part of what the model said). The
-    generated *ids* are what a query's gradient is of: decoding to text and tokenising again
-    need not give the same ids.
+How each kind reads, encodes, scores and predicts is its Task's (tasks.py); the functions
+below that take a ``LoadedModel`` ask ``loaded.kind`` and are kept for callers that predate it.
 
 LoRA (``peft``): a folder holding ``adapter_config.json`` is an adapter. Its base model is
 ``base_model_name_or_path`` as written (absolute, or relative to the current folder), else
@@ -55,8 +35,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .tasks import TASKS, causal_encoding, greedy_completions, prompt_ids, task_of  # noqa: F401 (re-exported)
 
-TASKS = ("classification", "causal-lm")
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json", "adapter_config.json")
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}
@@ -69,6 +49,11 @@ class LoadedModel:
     task: str
     path: str
     base: str | None = None  # the base model folder, when ``path`` is a LoRA adapter
+
+    @property
+    def kind(self):
+        """The Task of this model (tasks.py)."""
+        return task_of(self.task)
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -203,55 +188,9 @@ def token_limit(loaded: LoadedModel, max_length: int) -> int:
 
 def encode(loaded: LoadedModel, texts: list[str], pairs: list[str] | None,
            max_length: int, completions: list | None = None, source: str = "") -> list[dict[str, list[int]]]:
-    """Tokenised examples, truncated but not padded (each batch pads to its own longest).
-
-    For a causal LM ``texts`` are the prompts and ``completions`` the completions (text, or
-    token ids as ``greedy_completions`` returns them); without ``completions`` each text is a
-    whole completion after an empty prompt. ``source`` (" of train.tsv") locates an example
-    in error messages."""
-    if loaded.task == "causal-lm":
-        if pairs is not None:
-            raise UserError("a causal language model takes a prompt and a completion, not a text pair; "
-                            "drop --pair-col and pass --completion-col.")
-        if completions is None:
-            texts, completions = [""] * len(texts), list(texts)
-        return [causal_encoding(loaded, prompt, completion, max_length,
-                                f"{'row' if source else 'example'} {i + 1}{source}")
-                for i, (prompt, completion) in enumerate(zip(texts, completions))]
-    args = (texts, pairs) if pairs is not None else (texts,)
-    encoded = loaded.tokenizer(*args, truncation=True, max_length=token_limit(loaded, max_length))
-    keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
-    return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
-
-
-def prompt_ids(loaded: LoadedModel, prompt: str) -> list[int]:
-    """A prompt's ids, with the tokenizer's special tokens; an empty prompt is BOS (or EOS)."""
-    tokenizer = loaded.tokenizer
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
-    if not ids:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids = [start] if start is not None else []
-    return ids
-
-
-def causal_encoding(loaded: LoadedModel, prompt: str, completion, max_length: int,
-                    where: str = "the query") -> dict[str, list[int]]:
-    """One prompt + completion as ``input_ids`` and ``labels`` (-100 on the prompt)."""
-    if isinstance(completion, str):
-        completion_ids = list(loaded.tokenizer(completion, add_special_tokens=False)["input_ids"])
-    else:
-        completion_ids = [int(i) for i in completion]
-    if not completion_ids:
-        raise UserError(f"the completion of {where} ({completion!r}) tokenises to no tokens; give a "
-                        "completion with some text (or, for a query, none: the model's greedy continuation is used).")
-    limit = token_limit(loaded, max_length)
-    start = prompt_ids(loaded, prompt)
-    completion_ids = completion_ids[: max(1, limit - (1 if start else 0))]
-    start = start[len(start) - max(0, limit - len(completion_ids)):] if start else start
-    if not start and len(completion_ids) < 2:
-        raise UserError(f"the completion of {where} ({completion!r}) leaves no token to predict: the prompt "
-                        "is empty and the tokenizer has no BOS/EOS token; give a prompt.")
-    return {"input_ids": start + completion_ids, "labels": [-100] * len(start) + completion_ids}
+    """Tokenised examples, truncated but not padded, as the model's task encodes them.
+    ``source`` (" of train.tsv") locates an example in error messages."""
+    return loaded.kind.encode(loaded, texts, pairs, max_length, completions=completions, source=source)
 
 
 def collate(loaded: LoadedModel, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -276,69 +215,13 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def example_losses(loaded: LoadedModel, batch: dict[str, torch.Tensor], labels: torch.Tensor | None = None):
-    """Per-example losses (to be summed for backward) and the logits.
-
-    Classification: ``labels`` are class ids. Causal LM: ``labels`` (default: the batch's own)
-    are per-token ids, -100 where masked; the loss is the summed shifted token cross-entropy."""
-    logits = loaded.model(**model_inputs(batch)).logits
-    if loaded.task != "causal-lm":
-        losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-        return losses, logits
-    targets = (batch["labels"] if labels is None else labels)[:, 1:]
-    shifted = logits[:, :-1].float()
-    tokens = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                                               reduction="none", ignore_index=-100)
-    return tokens.view(targets.shape).sum(1), logits
+    """Per-example losses (to be summed for backward) and the logits (the task's loss)."""
+    return loaded.kind.losses(loaded, batch, labels)
 
 
 def output_summary(loaded: LoadedModel, batch: dict[str, torch.Tensor], logits: torch.Tensor):
-    """What a batch's outputs say per example, small enough to keep: classification, the
-    logits; causal LM, (completion tokens, tokens whose teacher-forced argmax is the completion's)."""
-    import numpy as np
-
-    if loaded.task != "causal-lm":
-        return logits.detach().float().numpy()
-    targets = batch["labels"][:, 1:]
-    scored = targets != -100
-    hits = (logits[:, :-1].detach().argmax(-1) == targets) & scored
-    return np.stack([scored.sum(1).numpy(), hits.sum(1).numpy()], 1)
-
-
-def _next_step(model, out, ids: list[int]):
-    """One more decoding step from ``out``'s key/value cache (named ``cache`` from
-    transformers 5.2x, ``past_key_values`` before), or over all ``ids`` when there is none."""
-    for name in ("cache", "past_key_values"):
-        state = getattr(out, name, None)
-        if state is not None:
-            return model(input_ids=torch.tensor([ids[-1:]]), use_cache=True, **{name: state})
-    return model(input_ids=torch.tensor([ids]), use_cache=False)
-
-
-def greedy_completions(loaded: LoadedModel, prompts: list[str], max_new_tokens: int,
-                       max_length: int | None = None) -> list[list[int]]:
-    """The model's greedy continuation (token ids) of each prompt; see the module docstring.
-    With ``max_length``, a long prompt keeps its last tokens so prompt + continuation fit."""
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    eos = loaded.tokenizer.eos_token_id
-    window = token_limit(loaded, max_length if max_length is not None else 1_000_000 - 1)
-    results = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = prompt_ids(loaded, prompt)
-            ids = ids[max(0, len(ids) - max(1, window - max_new_tokens)):]
-            if not ids:
-                raise UserError("cannot continue an empty prompt: the tokenizer has no BOS/EOS token; give a prompt.")
-            out = loaded.model(input_ids=torch.tensor([ids]), use_cache=True)
-            new: list[int] = []
-            while True:
-                token = int(out.logits[0, -1].argmax())
-                new.append(token)
-                if len(new) >= max_new_tokens or token == eos or len(ids) + len(new) >= window:
-                    break
-                out = _next_step(loaded.model, out, ids + new)
-            results.append(new)
-    return results
+    """What a batch's outputs say per example, small enough to keep (the task's summary)."""
+    return loaded.kind.summary(loaded, batch, logits)
 
 
 def predict(loaded: LoadedModel, encodings: list[dict], batch_size: int = 32) -> "np.ndarray":

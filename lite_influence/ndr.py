@@ -104,7 +104,9 @@ def random_ndr_at(n: int, m: int, p: float) -> float:
     return _cutoff(n, p) / n
 
 
-def _level_key(level: float) -> str:
+def level_key(level: float) -> str:
+    """The table key of an NDR level given as a fraction: 0.1 -> "ndr@10", 0.125 -> "ndr@12.5".
+    The one spelling every report, table and baseline uses."""
     pct = float(level) * 100
     return f"ndr@{round(pct)}" if abs(pct - round(pct)) <= 1e-6 else f"ndr@{pct:g}"
 
@@ -112,7 +114,7 @@ def _level_key(level: float) -> str:
 def summarise(ranking: np.ndarray, noisy: np.ndarray, levels=(0.1, 0.2, 0.3)) -> dict:
     """The numbers a report shows per layer, group and aggregation: NDR at each level (keys as
     integer percentages, "ndr@10") and AUC-NDR."""
-    out = {_level_key(p): ndr_at(ranking, noisy, p) for p in levels}
+    out = {level_key(p): ndr_at(ranking, noisy, p) for p in levels}
     out["auc_ndr"] = auc_ndr(ranking, noisy)
     return out
 

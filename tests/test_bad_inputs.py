@@ -350,10 +350,6 @@ def test_two_queries_of_one_index_at_once(env):
     assert snapshot(env["index"]) == before
 
 
-def test_a_table_of_at_least_twenty_bad_inputs():
-    assert len(BUILD_CASES) + len(QUERY_CASES) + len(AUDIT_CASES) + len(MORE_CASES) >= 20
-
-
 def test_over_long_text_is_truncated_not_refused(capsys, tmp_path, env):
     long_text = " ".join(WORDS * 20_000)  # about 1 MB, far past --max-length
     train = write(tmp_path / "long.tsv", f"sentence\tlabel\n{long_text}\t1\ngood film\t0\n")

@@ -109,7 +109,7 @@ def test_rebuild_replaces_the_index(bert_dir, train_tsv, tmp_path):
     first = build_index(bert_dir, train_tsv, out, projection="random", seed=0)
     old_vectors, old_files = first.vectors("block1"), snapshot(out)
     second = build_index(bert_dir, train_tsv, out, projection="random", seed=1, proj_dim=4)
-    assert second.path == out and InfluenceIndex.open(out).manifest["seed"] == 1
+    assert second.path == out and InfluenceIndex.open(out).manifest["build"]["seed"] == 1
     assert InfluenceIndex.open(out).vectors("block1").shape == (12, 4 * 16)
     assert old_vectors.shape == (12, 4 * 64) and snapshot(out) != old_files
     assert leftovers(out) == []
@@ -141,7 +141,7 @@ def test_failed_build_leaves_previous_index_byte_identical(bert_dir, train_tsv, 
         with pytest.raises(KeyboardInterrupt):
             build_index(bert_dir, train_tsv, out, projection="random", seed=3, batch_size=4, progress=interrupt)
     assert snapshot(out) == before
-    assert InfluenceIndex.open(out).manifest["seed"] == 0
+    assert InfluenceIndex.open(out).manifest["build"]["seed"] == 0
     # an interrupted build keeps its partial folder for --resume; a failed one removes it
     assert leftovers(out) == ([f".{out.name}.partial"] if failure == "interrupted" else [])
 

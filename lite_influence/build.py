@@ -1,0 +1,202 @@
+"""Building an index: the gradient pass over a training set into a store, resuming an
+interrupted build, and the manifest that records what was built.
+
+This is where the model side (torch) meets the store (FAISS) for writing; torch and
+transformers are imported inside the functions, so importing this module stays light. The
+build options are recorded once, as ``manifest["build"]`` (``BuildConfig.to_dict()``); the
+top-level ``metric`` and ``index_factory`` are the store's own (it writes and searches FAISS
+with them), and a resumed build must match the whole record (``_resume_point``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .config import BuildConfig
+from .data import fingerprint_file
+from .errors import UserError
+from .index import FORMAT_VERSION, IndexStore, IndexWriter
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def build_index(model: str | Path, train_file: str | Path, out: str | Path,
+                config: BuildConfig | None = None, *, force: bool = False, resume: bool = False,
+                progress: Progress | None = None, **options) -> "InfluenceIndex":
+    """Index the projected per-layer gradients of every example of ``train_file``.
+
+    ``options`` override fields of ``config`` (``build_index(m, f, o, proj_dim=16)``).
+    """
+    config = replace(config or BuildConfig(), **options).validate()
+    progress = progress or (lambda stage, done, total: None)
+    writer = IndexWriter(out, force=force, resume=resume)
+    try:
+        manifest = _build(Path(model), Path(train_file), writer, config, progress)
+        path = writer.commit(manifest, lambda done, total: progress("faiss", done, total))
+        progress("faiss", len(manifest["layers"]), len(manifest["layers"]))
+        from .api import InfluenceIndex
+
+        return InfluenceIndex(IndexStore(path, manifest))
+    except KeyboardInterrupt:
+        raise  # the partial folder stays, for `build --resume`
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: BuildConfig,
+           progress: Progress) -> dict:
+    from .gradients import length_batches
+    from .layers import assign_layers, discover_units, select_units
+    from .models import encode, load_model, model_fingerprint
+
+    loaded = load_model(model_dir, task=config.task, num_labels=config.num_labels, seed=config.seed)
+    examples = loaded.kind.read(train_file, text_col=config.text_col, pair_col=config.pair_col,
+                                label_col=config.label_col, completion_col=config.completion_col,
+                                label2id=loaded.label2id, limit=config.limit)
+    units = select_units(discover_units(loaded.model), config.layers)
+    layers = assign_layers(units, config.granularity)
+    encodings = encode(loaded, examples.texts, examples.pairs, config.max_length,
+                       completions=examples.completions, source=f" of {train_file}")
+    batches = length_batches([len(e["input_ids"]) for e in encodings], config.batch_size)
+    identity = {"config": config.to_dict(), "model": model_fingerprint(model_dir),
+                "data": fingerprint_file(train_file), "n": len(examples)}
+    done = _resume_point(writer, identity)
+    projectors = _projectors(loaded, writer, units, encodings, examples.labels, config, progress, done)
+    dims = {name: sum(projectors[u.name].dim for u in members) for name, members in layers.items()}
+    matrices = {name: writer.vector_file(name, len(examples), dims[name]) for name in layers}
+    ordered = [projectors[u.name] for u in units]
+    started = time.perf_counter()
+    _gradient_pass(loaded, ordered, layers, encodings, examples.labels, batches, done, matrices,
+                   lambda completed: writer.save_progress({**identity, "batches_done": completed}),
+                   lambda completed: progress("gradients", sum(len(b) for b in batches[:completed]), len(examples)))
+    writer.write_examples(_example_rows(examples))
+    return _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, config,
+                     identity, time.perf_counter() - started)
+
+
+def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done, matrices,
+                   save, report, every: float = 1.0) -> None:
+    """Fill the vector matrices batch by batch from batch ``done`` on. Progress reaches the
+    disk at most once a second (an fsync per batch would dominate small models), after the
+    vectors it counts, and at once on Ctrl-C, so `build --resume` loses at most a second of
+    work after a kill -9 and nothing after an interrupt."""
+    from .gradients import layer_vectors
+
+    completed, saved_at = done, time.perf_counter()
+
+    def checkpoint():
+        for matrix in matrices.values():
+            matrix.flush()
+        save(completed)
+
+    try:
+        for number in range(done, len(batches)):
+            vectors, _, _ = layer_vectors(loaded, projectors, layers, encodings, labels, batches[number])
+            for name, matrix in matrices.items():
+                matrix[batches[number]] = vectors[name]
+            completed = number + 1
+            if time.perf_counter() - saved_at >= every or completed == len(batches):
+                checkpoint()
+                saved_at = time.perf_counter()
+            report(completed)
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+
+
+def _resume_point(writer: IndexWriter, identity: dict) -> int:
+    state = writer.progress()
+    if state is None:
+        return 0
+    if {k: state.get(k) for k in identity} != json.loads(json.dumps(identity)):
+        writer.abort()
+        raise UserError("the interrupted build at --out used other settings, model or data; "
+                        "run the build again without --resume.")
+    return int(state["batches_done"])
+
+
+def _projectors(loaded, writer, units, encodings, labels, config, progress, done) -> dict:
+    from .gradients import fit_covariances, length_batches
+    from .projection import from_arrays, pca_fits, pca_projector, random_projector, to_arrays, unit_k
+
+    if config.projection == "random":
+        return {u.name: random_projector(u, unit_k(u, config.proj_dim, config.exact_max), config.seed)
+                for u in units}
+    if done:  # resuming: the eigenbasis was fitted and saved before the first batch
+        saved = from_arrays(units, config.proj_dim, config.seed, writer.read_projection(), fitted=True,
+                            exact_max=config.exact_max)
+        return {p.unit.name: p for p in saved}
+    sample = np.random.default_rng(config.seed).permutation(len(encodings))[: config.fit_examples]
+    lengths = [len(encodings[i]["input_ids"]) for i in sample]
+    batches = [[int(sample[j]) for j in b] for b in length_batches(lengths, config.batch_size)]
+    fitted_count = [0]
+
+    def on_batch(size):
+        fitted_count[0] += size
+        progress("fit", fitted_count[0], len(sample))
+
+    covariances = fit_covariances(loaded, units, encodings, labels, batches, pca_fits, on_batch)
+    projectors = [pca_projector(u, unit_k(u, config.proj_dim, config.exact_max), config.seed,
+                                covariances[u.name]) for u in units]
+    writer.write_projection(to_arrays(projectors))
+    return {p.unit.name: p for p in projectors}
+
+
+def _example_rows(examples) -> list[dict]:
+    rows = []
+    for i, row in enumerate(examples.rows):
+        entry = {"id": i, "text": examples.texts[i]}
+        if examples.pairs is not None:
+            entry["pair"] = examples.pairs[i]
+        if examples.completions is not None:
+            entry["completion"] = examples.completions[i]
+        else:
+            entry["label"] = examples.labels[i]
+        if "id" in row:  # the input's own key; ours is the row number
+            entry["input_id"] = row["id"]
+        entry.update({k: v for k, v in row.items() if k not in entry and k not in examples.used_columns})
+        rows.append(entry)
+    return rows
+
+
+def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, config,
+              identity, seconds) -> dict:
+    from .layers import count_blocks, discover_units, group_layers
+
+    n_blocks = count_blocks(discover_units(loaded.model))
+    layer_blocks = {name: us[0].block if len({u.block for u in us}) == 1 else None
+                    for name, us in layers.items()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "lite_influence_version": __version__,
+        "model": {"path": str(model_dir.resolve()), "fingerprint": identity["model"],
+                  "task": loaded.task, "architecture": type(loaded.model).__name__,
+                  **({"adapter": "lora", "base": str(Path(loaded.base).resolve())} if loaded.base else {})},
+        "tokenizer": str(model_dir.resolve()),
+        "label_names": [loaded.model.config.id2label[i] for i in range(loaded.num_labels)],
+        "n": len(examples),
+        "metric": config.metric,
+        "index_factory": config.index_factory,
+        "n_blocks": n_blocks,
+        "data": {"path": str(train_file.resolve()), "fingerprint": identity["data"],
+                 "columns": examples.columns},
+        "layers": [
+            {"name": name, "dim": dims[name], "block": layer_blocks[name],
+             "units": [{"name": u.name, "kind": u.kind, "role": u.role, "params": list(u.params),
+                        "in_dim": u.in_dim, "out_dim": u.out_dim,
+                        "k_in": projectors[u.name].inp.k, "k_out": projectors[u.name].out.k}
+                       for u in us]}
+            for name, us in layers.items()
+        ],
+        "groups": group_layers(layer_blocks, n_blocks),
+        "build": config.to_dict(),
+        "build_seconds": round(seconds, 3),
+    }

@@ -1,0 +1,72 @@
+"""audit.py through the CLI and the API: any NDR level works (12.5 crashed with exit 2), the
+noise flags, and the baselines' keys match the table's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import WORDS, run_cli
+from lite_influence import build_index, ndr
+from lite_influence.audit import noise_flags
+from lite_influence.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def env(bert_dir, tmp_path_factory):
+    import random
+
+    root = tmp_path_factory.mktemp("audit")
+    rng = random.Random(1)
+    rows = [f"{' '.join(rng.choices(WORDS, k=rng.randint(3, 8)))}\t{i % 2}\t{int(i % 4 == 0)}" for i in range(16)]
+    train = root / "train.tsv"
+    train.write_text("sentence\tlabel\tnoisy\n" + "\n".join(rows) + "\n")
+    queries = root / "queries.tsv"
+    queries.write_text("sentence\tlabel\ngood film\t1\nawful plot\t0\nvery dull story\t0\n")
+    index = build_index(bert_dir, train, root / "idx", projection="random", proj_dim=2, metric="dot")
+    return {"index": index, "queries": queries, "root": root}
+
+
+def test_any_level_works_and_is_scored_like_ndr_at(capsys, env):
+    code, out, err = run_cli(capsys, "audit", env["index"].path, env["queries"], "--levels", "12.5,30",
+                             "--layers", "all", "--agg", "rank", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    row = result["table"][0]
+    noisy = noise_flags(env["index"].examples, None)
+    ranking = env["index"].audit(env["queries"], layers="all", aggs="rank", levels="12.5,30").rankings[("all", "rank", "all")][0]
+    assert row["ndr@12.5"] == ndr.ndr_at(ranking, noisy, 0.125) and row["ndr@30"] == ndr.ndr_at(ranking, noisy, 0.3)
+    assert set(result["baselines"]["random"]) == {"ndr@12.5", "ndr@30", "auc_ndr"}
+    code, out, _ = run_cli(capsys, "audit", env["index"].path, env["queries"], "--levels", "12.5", "--layers", "all")
+    assert code == 0 and "NDR@12.5" in out
+
+
+def test_level_key_spellings():
+    assert [ndr.level_key(p) for p in (0.1, 0.125, 0.3, 1.0, 0.005)] == ["ndr@10", "ndr@12.5", "ndr@30", "ndr@100", "ndr@0.5"]
+
+
+def test_noise_flags():
+    examples = [{"id": 0, "noisy": "1"}, {"id": 1, "noisy": "0"}, {"id": 2, "noisy": "true"}, {"id": 3, "noisy": ""}]
+    assert noise_flags(examples, None).tolist() == [True, False, True, False]
+    assert noise_flags([{"id": 0, "text": "x"}], None) is None
+    with pytest.raises(UserError, match="noise column 'flipped' is not in the indexed training data"):
+        noise_flags([{"id": 0, "text": "x"}], "flipped")
+
+
+def test_api_audit_validates_like_the_cli(env):
+    with pytest.raises(UserError, match="--vote-p must be in"):
+        env["index"].audit(env["queries"], vote_p=0)
+    with pytest.raises(UserError, match="unknown aggregation 'best'"):
+        env["index"].audit(env["queries"], aggs="best")
+
+
+def test_correct_only_rows_use_the_queries_predicted_correctly(env):
+    result = env["index"].audit(env["queries"], layers="all", aggs="vote", correct_only=True)
+    correct = env["index"].gradients(["good film", "awful plot", "very dull story"], labels=[1, 0, 0]).correct
+    rows = {row["agg"]: row for row in result.table}
+    assert result.n_correct == int(correct.sum())
+    if correct.any():
+        assert rows["vote-c"]["queries"] == int(correct.sum())
+    assert rows["vote"]["queries"] == 3
