@@ -252,3 +252,23 @@ def test_busy_port_is_one_line(index_path):
         port = taken.getsockname()[1]
         message = user_error(lambda: listen("127.0.0.1", port))
     assert f"cannot listen on 127.0.0.1:{port}" in message and "--port" in message
+
+
+def test_causal_lm_index_is_served_and_warmed(tmp_path):
+    from test_causal_lm import fact_rows, save_lm, write_rows
+
+    model = save_lm(tmp_path / "gpt2", "gpt2", initializer_range=0.2)
+    train = write_rows(tmp_path / "train.tsv", ("prompt", "completion"), fact_rows())
+    path = build_index(model, train, tmp_path / "lm", proj_dim=4).path
+    served = Served([path])
+    served.warm_up()
+    reference = InfluenceIndex.open(path)
+    with TestClient(create_app(served)) as client:
+        assert client.get("/api/indexes").json()["indexes"][0]["task"] == "causal-lm"
+        for extra in ({"completion": " good movie"}, {}):
+            got = client.post("/api/query", json={"index": "lm", "text": "the plot ->", "k": 3, **extra}).json()
+            got.pop("timings")
+            expected = reference.query("the plot ->", k=3, completion=extra.get("completion"))
+            assert got == json.loads(json.dumps(expected))
+        assert "causal language model" in assert_one_line_error(
+            client.post("/api/query", json={"index": "lm", "text": "the plot ->", "label": 1}), 400)
