@@ -113,7 +113,9 @@ async function submit(event) {
   const info = current();
   $("submit").disabled = true;
   try {
-    const result = await api("/api/query", request());
+    const body = request();
+    const result = await api("/api/query", body);
+    toAddress(body);
     showError($("error"), null);
     showPrediction(result, info);
     table($("proponents"), result.proponents, result, info);
@@ -153,18 +155,34 @@ async function explainExample(info, id) {
   }
 }
 
+// A query can be linked to: /?index=NAME&text=...&label=...&layers=...&agg=...&k=... runs it.
+function fromAddress() {
+  const params = new URLSearchParams(window.location.search);
+  if (params.get("index") && indexes[params.get("index")]) $("index").value = params.get("index");
+  onIndexChange();
+  for (const key of ["text", "pair", "completion", "label", "layers", "agg", "k"]) {
+    if (params.has(key)) $(key).value = params.get(key);
+  }
+  if (params.get("text")) $("query-form").requestSubmit();
+}
+
+function toAddress(body) {
+  const params = new URLSearchParams(Object.entries(body).map(([key, value]) => [key, String(value)]));
+  window.history.replaceState(null, "", `?${params}`);
+}
+
 async function start() {
+  $("index").addEventListener("change", onIndexChange);
+  $("query-form").addEventListener("submit", submit);
+  $("close-example").addEventListener("click", () => { $("example").hidden = true; });
   try {
     const data = await api("/api/indexes");
     indexes = Object.fromEntries(data.indexes.map((info) => [info.name, info]));
     fillOptions($("index"), Object.keys(indexes), []);
-    onIndexChange();
+    fromAddress();
   } catch (error) {
     showError($("error"), error);
   }
-  $("index").addEventListener("change", onIndexChange);
-  $("query-form").addEventListener("submit", submit);
-  $("close-example").addEventListener("click", () => { $("example").hidden = true; });
 }
 
 start();
