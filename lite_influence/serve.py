@@ -1,0 +1,383 @@
+"""The warm local server: one process keeps each index's model loaded and answers JSON.
+
+Why: a fresh ``lite-influence query`` pays for importing torch and transformers and loading
+the model (about 7 s on a laptop CPU) before a query that itself takes tens of milliseconds.
+A process that stays up pays that once. ``serve()`` opens the indexes with the public facade
+``InfluenceIndex.open``, runs one warm-up query per index (model, projection and examples are
+then cached by the index), and answers on localhost:
+
+    POST /api/query            {index, text, pair, label, completion, k, layers, agg}
+                               -> what InfluenceIndex.query returns, plus "timings"
+    POST /api/query_by_id      {index, id, ...}: the hook for explaining a training example
+                               from its stored vectors; 501 until that lands
+    GET  /api/example/NAME/ID  -> the training example, as stored
+    GET  /api/indexes          -> what is served (name, path, N, layers, groups, labels, task)
+    GET  /                     -> the page (lite_influence/static/, no build step, no CDN)
+
+A request names an index only by its served name (the folder's name), never by a path, so no
+request can read or write outside the served indexes. Bad requests get a 4xx whose body is
+``{"error": "<one line>"}``, the same line a ``UserError`` carries in the CLI; anything else
+is our bug: a 500 with one line (the traceback goes to the server's log only).
+
+Finding a server: while it runs, the server keeps ``INDEX/.serve.json`` (host, port, pid, url;
+written atomically, removed at shutdown) beside each index it serves. ``find_server`` and
+``ask_server`` are the client side, written with the standard library only, so that the CLI
+can ask a running server without importing torch, transformers, numpy or starlette.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Options, option
+from .errors import UserError
+
+STATE_FILE = ".serve.json"
+STATIC = Path(__file__).with_name("static")
+PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
+         "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+         "/static/style.css": ("style.css", "text/css; charset=utf-8")}
+QUERY_FIELDS = {"index": str, "text": str, "pair": (str, type(None)), "label": (str, int, type(None)),
+                "completion": (str, type(None)), "k": int, "layers": str, "agg": str}
+BY_ID_FIELDS = {"index": str, "id": int, "k": int, "layers": str, "agg": str}
+
+
+@dataclass
+class ServeConfig(Options):
+    """Options of ``lite-influence serve`` (moves into config.py on merge)."""
+
+    host: str = option("127.0.0.1", "Address to listen on; the default answers this machine only (0.0.0.0 exposes the indexes and their texts to the network).")
+    port: int = option(8765, "Port to listen on (0: any free port; the state file beside each index records the one chosen).")
+    warm: bool = option(True, "Load each index's model with a warm-up query before answering, so the first real query is fast.")
+
+
+# ---------------------------------------------------------------- client (stdlib only)
+
+
+def state_path(index_path: str | Path) -> Path:
+    return Path(index_path) / STATE_FILE
+
+
+def find_server(index_path: str | Path, timeout: float = 0.5) -> str | None:
+    """URL of a live server for this index, or None: the state file must name a running pid
+    and its server must answer ``/api/indexes`` with this index among those it serves (a stale
+    file, a reused pid or a server restarted on other indexes all give None)."""
+    try:
+        state = json.loads(state_path(index_path).read_text(encoding="utf-8"))
+        pid, url = int(state["pid"]), str(state["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not _pid_alive(pid):
+        return None
+    try:
+        with urllib.request.urlopen(url + "/api/indexes", timeout=timeout) as response:
+            served = json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+    mine = os.path.realpath(index_path)
+    if any(os.path.realpath(item.get("path", "")) == mine for item in served.get("indexes", [])):
+        return url
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def ask_server(url: str, request: dict, timeout: float = 120.0, route: str = "/api/query") -> dict:
+    """POST a query to a running server and return its JSON answer.
+
+    A 4xx becomes the ``UserError`` the server's one line describes (what the CLI would have
+    said locally); a 5xx is a ``RuntimeError``; an unreachable server a ``ConnectionError``,
+    so the caller can fall back to answering the query itself."""
+    data = json.dumps(request).encode("utf-8")
+    post = urllib.request.Request(url + route, data=data, method="POST",
+                                  headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(post, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        message = _error_line(exc)
+        if 400 <= exc.code < 500:
+            raise UserError(message) from None
+        raise RuntimeError(f"the server at {url} failed ({exc.code}): {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionError(f"no server answers at {url}: {exc}") from None
+
+
+def _error_line(exc) -> str:
+    try:
+        return str(json.loads(exc.read())["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"HTTP {exc.code} {exc.reason}"
+
+
+# ---------------------------------------------------------------- server side
+
+
+class RequestError(Exception):
+    """A bad request: its HTTP status and one line (UserError is the 400 case)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def served_names(paths: list[str | Path]) -> dict[str, Path]:
+    """The name each index is served under: its folder's name, with -2, -3... for repeats."""
+    names: dict[str, Path] = {}
+    for path in paths:
+        base = Path(path).resolve().name or "index"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names[name] = Path(path).resolve()
+    return names
+
+
+class Served:
+    """The open indexes by served name, each with a lock: a model's hooks hold per-call state,
+    so two queries on one index must not run at once (queries on different indexes may)."""
+
+    def __init__(self, paths: list[str | Path]):
+        import threading
+
+        from .api import InfluenceIndex
+
+        if not paths:
+            raise UserError("nothing to serve; pass one or more index folders.")
+        self.paths = served_names(paths)
+        self.indexes = {name: InfluenceIndex.open(path) for name, path in self.paths.items()}
+        self.locks = {name: threading.Lock() for name in self.indexes}
+
+    def get(self, name) -> "object":
+        if not isinstance(name, str) or name not in self.indexes:
+            raise RequestError(404, f"no served index named {json.dumps(name)}; served: {', '.join(self.indexes)}")
+        return self.indexes[name]
+
+    def describe(self, name: str) -> dict:
+        index = self.indexes[name]
+        manifest = index.manifest
+        return {"name": name, "path": str(self.paths[name]), "n": len(index), "layers": index.layers,
+                "groups": index.groups, "label_names": manifest.get("label_names"), "task": index.task,
+                "metric": manifest.get("metric"), "model": manifest.get("model", {}).get("path")}
+
+    def warm_up(self) -> None:
+        """One throw-away query per index: loads and verifies the model, reads the examples."""
+        for name, index in self.indexes.items():
+            with self.locks[name]:
+                if index.task == "causal-lm":
+                    index.query("warm up", k=1, layers="all", completion=" up")
+                else:
+                    index.query("warm up", k=1, layers="all")
+
+
+def check_fields(body, kinds: dict, required: tuple[str, ...]) -> dict:
+    """The request's fields, each of its declared JSON type; unknown or missing ones refused."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object, e.g. {\"index\": \"idx\", \"text\": \"...\"}")
+    unknown = sorted(set(body) - set(kinds))
+    if unknown:
+        raise RequestError(400, f"unknown field '{unknown[0]}'; known: {', '.join(kinds)}")
+    for key in required:
+        if body.get(key) is None or body.get(key) == "":
+            raise RequestError(400, f"missing '{key}'; pass it in the JSON body")
+    for key, value in body.items():
+        kind = kinds[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            wanted = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            raise RequestError(400, f"'{key}' must be {wanted.replace('NoneType', 'null')}, got {json.dumps(value)}")
+    return body
+
+
+def run_query(served: Served, body) -> dict:
+    """The query as ``InfluenceIndex.query`` answers it, plus how long it took."""
+    start = time.perf_counter()
+    body = check_fields(body, QUERY_FIELDS, ("index", "text"))
+    name = body.pop("index")
+    index = served.get(name)
+    options = {key: body[key] for key in ("k", "layers", "agg") if key in body}
+    text, pair, label, completion = (body.get(key) for key in ("text", "pair", "label", "completion"))
+    if completion is not None and index.task != "causal-lm":
+        raise UserError("'completion' is for causal language model indexes; this index is a classifier's (use 'label').")
+    if index.task == "causal-lm" and (pair is not None or label is not None):
+        raise UserError("this index is a causal language model's: pass the prompt as 'text' and what it should say as 'completion'.")
+    with served.locks[name]:
+        waited = time.perf_counter()
+        extra = {"completion": completion} if index.task == "causal-lm" else {}
+        result = index.query(text, pair, label, **extra, **options)
+    done = time.perf_counter()
+    result["timings"] = {"query_ms": round(1e3 * (done - waited), 3), "total_ms": round(1e3 * (done - start), 3)}
+    return result
+
+
+def get_example(served: Served, name: str, id_text: str) -> dict:
+    index = served.get(name)
+    try:
+        i = int(id_text)
+    except ValueError:
+        raise RequestError(400, f"an example id is a whole number from 0 to {len(index) - 1}, got '{id_text}'") from None
+    if not 0 <= i < len(index):
+        raise RequestError(404, f"index '{name}' has examples 0 to {len(index) - 1}; there is no example {i}")
+    return index.examples[i]
+
+
+def query_by_id(served: Served, body) -> dict:
+    """Hook: explain training example ``id`` from its stored vectors, no model. The request
+    is validated now; the lookup itself is being written elsewhere (issue 13 item 3)."""
+    body = check_fields(body, BY_ID_FIELDS, ("index", "id"))
+    get_example(served, body["index"], str(body["id"]))
+    raise RequestError(501, "query by id is not available in this version yet; query the example's text instead.")
+
+
+def create_app(served: Served, address: tuple[str, int] | None = None):
+    """The Starlette app over the served indexes; with ``address`` (host, port), its lifespan
+    keeps the state files beside the indexes (written at start-up, removed at shutdown)."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    def answer(data, status: int = 200) -> Response:
+        return Response(json.dumps(data, allow_nan=False), status, media_type="application/json")
+
+    async def body_of(request):
+        try:
+            return json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError(400, "the request body is not valid JSON") from None
+
+    def guarded(handler):
+        async def endpoint(request):
+            from starlette.concurrency import run_in_threadpool
+
+            try:
+                return answer(await run_in_threadpool(handler, request, await body_of(request)
+                                                      if request.method == "POST" else None))
+            except RequestError as exc:
+                return answer({"error": str(exc)}, exc.status)
+            except UserError as exc:
+                return answer({"error": str(exc)}, 400)
+            except Exception as exc:  # our bug: one line out, the traceback to the log
+                import traceback
+
+                traceback.print_exc()
+                return answer({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+        return endpoint
+
+    def page(request):
+        file, media = PAGES[request.url.path]
+        return Response((STATIC / file).read_bytes(), media_type=media, headers={"Cache-Control": "no-cache"})
+
+    async def not_found(request, exc):
+        message = {404: f"no such page or endpoint: {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return answer({"error": message}, exc.status_code)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if address is not None:
+            write_states(served, *address)
+        try:
+            yield
+        finally:
+            if address is not None:
+                remove_states(served)
+
+    routes = [Route("/api/query", guarded(lambda request, body: run_query(served, body)), methods=["POST"]),
+              Route("/api/query_by_id", guarded(lambda request, body: query_by_id(served, body)), methods=["POST"]),
+              Route("/api/example/{index}/{id}", guarded(lambda request, body: get_example(
+                  served, request.path_params["index"], request.path_params["id"]))),
+              Route("/api/indexes", guarded(lambda request, body: {
+                  "indexes": [served.describe(name) for name in served.indexes]})),
+              *(Route(path, page) for path in PAGES)]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+
+
+def write_states(served: Served, host: str, port: int) -> None:
+    """``INDEX/.serve.json`` beside each served index, written to a temporary name and renamed
+    (a reader sees no file or a whole one). An index folder we may not write to is served
+    anyway; the CLI just will not find the server by itself."""
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    state = {"host": host, "port": port, "pid": os.getpid(), "url": url, "started": time.time()}
+    for name, path in served.paths.items():
+        target = state_path(path)
+        tmp = target.with_name(f"{STATE_FILE}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({**state, "name": name}), encoding="utf-8")
+            os.replace(tmp, target)
+        except OSError as exc:
+            print(f"warning: cannot write {target} ({exc.strerror}); lite-influence query will not find this server",
+                  file=sys.stderr)
+
+
+def remove_states(served: Served) -> None:
+    """Remove our state files, and only ours: another server may have taken an index over."""
+    for path in served.paths.values():
+        target = state_path(path)
+        try:
+            if json.loads(target.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                target.unlink()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def listen(host: str, port: int):
+    """A bound, listening socket: a busy port is one clear line, before any model loads."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port "
+                        f"(a server may already run there: open http://{host}:{port}/).") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8765, *, warm: bool = True,
+          log=sys.stderr) -> None:
+    """Serve the indexes at ``paths`` until interrupted (Ctrl-C or SIGTERM shut it down cleanly
+    and remove the state files)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("the server needs starlette and uvicorn: pip install 'lite-influence[serve]'") from None
+    served = Served(paths)
+    sock = listen(host, port)
+    bound = sock.getsockname()[1]
+    if warm:
+        served.warm_up()
+    app = create_app(served, (host, bound))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    print(f"serving {', '.join(served.indexes)} at http://{host}:{bound}/ (Ctrl-C to stop)", file=log, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        remove_states(served)
+        sock.close()

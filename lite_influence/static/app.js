@@ -1,0 +1,188 @@
+// The page of `lite-influence serve`: plain DOM, no framework, no build step, no network
+// beyond this server's /api. Texts are set with textContent only (training data is untrusted).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let indexes = {};
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value; else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+
+async function api(path, body) {
+  const response = await fetch(path, body === undefined ? {} : {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const data = await response.json().catch(() => ({error: `HTTP ${response.status}`}));
+  if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+  return data;
+}
+
+function showError(box, error) {
+  box.hidden = !error;
+  box.textContent = error ? error.message || String(error) : "";
+}
+
+function current() { return indexes[$("index").value]; }
+
+function labelName(info, label) {
+  if (label === null || label === undefined) return "";
+  const names = info.label_names || [];
+  return typeof label === "number" && names[label] !== undefined ? names[label] : String(label);
+}
+
+function fillOptions(select, values, keep) {
+  const old = select.value;
+  select.replaceChildren(...keep.map((n) => n.cloneNode(true)), ...values.map((v) => el("option", {value: v}, v)));
+  if ([...select.options].some((o) => o.value === old)) select.value = old;
+}
+
+function onIndexChange() {
+  const info = current();
+  if (!info) return;
+  $("index-info").textContent = `${info.n} training examples · ${info.layers.length} layers · ${info.task} · ${info.metric}`;
+  const lm = info.task === "causal-lm";
+  document.querySelectorAll(".lm-only").forEach((n) => { n.hidden = !lm; });
+  document.querySelectorAll(".classification-only").forEach((n) => { n.hidden = lm; });
+  fillOptions($("label"), info.label_names || [], [el("option", {value: ""}, "(the prediction)")]);
+  const groups = Object.keys(info.groups).filter((g) => info.groups[g].length);
+  fillOptions($("layers"), [...groups, ...info.layers.filter((l) => !groups.includes(l))], []);
+  if (!$("layers").value || !groups.includes($("layers").value)) $("layers").value = groups.includes("all") ? "all" : groups[0];
+}
+
+function request() {
+  const info = current();
+  const body = {index: info.name, text: $("text").value, k: Number($("k").value), layers: $("layers").value, agg: $("agg").value};
+  if (info.task === "causal-lm") {
+    if ($("completion").value) body.completion = $("completion").value;
+  } else {
+    if ($("pair").value) body.pair = $("pair").value;
+    if ($("label").value) body.label = $("label").value;
+  }
+  return body;
+}
+
+function bars(perLayer, layers, scale) {
+  const box = el("div", {class: "bars"});
+  for (const layer of layers) {
+    const value = perLayer[layer] ?? 0;
+    const height = scale > 0 ? Math.min(50, 50 * Math.abs(value) / scale) : 0;
+    const fill = el("span", {class: value >= 0 ? "pos" : "neg", style: `height:${height}%`});
+    box.append(el("div", {class: "bar", title: `${layer}: ${value.toPrecision(3)}`}, fill));
+  }
+  return box;
+}
+
+function table(node, rows, result, info) {
+  const scale = Math.max(0, ...rows.flatMap((r) => Object.values(r.per_layer).map(Math.abs)));
+  const scoreName = {vote: "votes", rank: "mean rank", mean: "influence"}[result.agg];
+  const head = el("thead", {}, el("tr", {}, el("th", {}, "id"), el("th", {}, "label"), el("th", {}, scoreName),
+    el("th", {title: result.layers.join(", ")}, "per layer"), el("th", {}, "text")));
+  const body = el("tbody");
+  for (const row of rows) {
+    const text = row.completion !== undefined ? `${row.text ?? ""} ⟶ ${row.completion}` : row.text + (row.pair ? ` ‖ ${row.pair}` : "");
+    const tr = el("tr", {"data-id": row.id}, el("td", {class: "num"}, row.id),
+      el("td", {}, el("span", {class: "label"}, labelName(info, row.label))),
+      el("td", {class: "num"}, Number(row.score).toPrecision(4)),
+      el("td", {}, bars(row.per_layer, result.layers, scale)), el("td", {class: "text"}, text));
+    tr.addEventListener("click", () => showExample(info, row.id));
+    body.append(tr);
+  }
+  node.replaceChildren(head, body);
+}
+
+function showPrediction(result, info) {
+  const q = result.query;
+  const box = $("prediction");
+  if (q.prediction) {
+    box.replaceChildren("prediction: ", el("span", {class: "label"}, q.prediction.label_name),
+      ` (p = ${q.prediction.probability.toFixed(3)}) · explaining label `, el("span", {class: "label"}, q.label_name),
+      ` · loss ${q.loss.toFixed(3)}`);
+  } else {
+    box.replaceChildren(`explaining the ${q.completion_source} completion `, el("q", {}, q.completion),
+      ` · ${q.argmax_matches}/${q.completion_tokens} tokens argmax · loss ${q.loss.toFixed(3)}`);
+  }
+}
+
+async function submit(event) {
+  event.preventDefault();
+  const info = current();
+  $("submit").disabled = true;
+  try {
+    const body = request();
+    const result = await api("/api/query", body);
+    toAddress(body);
+    showError($("error"), null);
+    showPrediction(result, info);
+    table($("proponents"), result.proponents, result, info);
+    table($("opponents"), result.opponents, result, info);
+    $("timings").textContent = `${result.agg} over ${result.layers.join(", ")} · k = ${result.k} · ` +
+      `query ${result.timings.query_ms.toFixed(1)} ms on the server`;
+    $("result").hidden = false;
+  } catch (error) {
+    showError($("error"), error);
+  } finally {
+    $("submit").disabled = false;
+  }
+}
+
+async function showExample(info, id) {
+  const aside = $("example");
+  showError($("example-error"), null);
+  try {
+    const example = await api(`/api/example/${encodeURIComponent(info.name)}/${id}`);
+    $("example-title").textContent = `training example ${id}`;
+    const fields = Object.entries(example).map(([key, value]) => [key, key === "label" ? labelName(info, value) : value]);
+    $("example-fields").replaceChildren(...fields.flatMap(([key, value]) => [el("dt", {}, key),
+      el("dd", {}, typeof value === "object" && value !== null ? JSON.stringify(value) : value)]));
+    $("explain-example").onclick = () => explainExample(info, id);
+    aside.hidden = false;
+  } catch (error) {
+    showError($("error"), error);
+  }
+}
+
+async function explainExample(info, id) {
+  // Query by id: the server answers 501 until explaining stored vectors lands.
+  try {
+    await api("/api/query_by_id", {index: info.name, id, k: Number($("k").value), layers: $("layers").value, agg: $("agg").value});
+  } catch (error) {
+    showError($("example-error"), error);
+  }
+}
+
+// A query can be linked to: /?index=NAME&text=...&label=...&layers=...&agg=...&k=... runs it.
+function fromAddress() {
+  const params = new URLSearchParams(window.location.search);
+  if (params.get("index") && indexes[params.get("index")]) $("index").value = params.get("index");
+  onIndexChange();
+  for (const key of ["text", "pair", "completion", "label", "layers", "agg", "k"]) {
+    if (params.has(key)) $(key).value = params.get(key);
+  }
+  if (params.get("text")) $("query-form").requestSubmit();
+}
+
+function toAddress(body) {
+  const params = new URLSearchParams(Object.entries(body).map(([key, value]) => [key, String(value)]));
+  window.history.replaceState(null, "", `?${params}`);
+}
+
+async function start() {
+  $("index").addEventListener("change", onIndexChange);
+  $("query-form").addEventListener("submit", submit);
+  $("close-example").addEventListener("click", () => { $("example").hidden = true; });
+  try {
+    const data = await api("/api/indexes");
+    indexes = Object.fromEntries(data.indexes.map((info) => [info.name, info]));
+    fillOptions($("index"), Object.keys(indexes), []);
+    fromAddress();
+  } catch (error) {
+    showError($("error"), error);
+  }
+}
+
+start();
