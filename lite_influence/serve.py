@@ -248,51 +248,55 @@ def query_by_id(served: Served, body) -> dict:
     raise RequestError(501, "query by id is not available in this version yet; query the example's text instead.")
 
 
-def create_app(served: Served, address: tuple[str, int] | None = None):
-    """The Starlette app over the served indexes; with ``address`` (host, port), its lifespan
-    keeps the state files beside the indexes (written at start-up, removed at shutdown)."""
-    import contextlib
-
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
+def _answer(data, status: int = 200):
     from starlette.responses import Response
-    from starlette.routing import Route
 
-    def answer(data, status: int = 200) -> Response:
-        return Response(json.dumps(data, allow_nan=False), status, media_type="application/json")
+    return Response(json.dumps(data, allow_nan=False), status, media_type="application/json")
 
-    async def body_of(request):
+
+async def _body_of(request):
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(400, "the request body is not valid JSON") from None
+
+
+def _guarded(handler):
+    """One JSON error line for every failure: 4xx for the user's, 500 (traceback to the log
+    only) for ours."""
+    async def endpoint(request):
+        from starlette.concurrency import run_in_threadpool
+
         try:
-            return json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError(400, "the request body is not valid JSON") from None
+            body = await _body_of(request) if request.method == "POST" else None
+            return _answer(await run_in_threadpool(handler, request, body))
+        except RequestError as exc:
+            return _answer({"error": str(exc)}, exc.status)
+        except UserError as exc:
+            return _answer({"error": str(exc)}, 400)
+        except Exception as exc:  # our bug: one line out, the traceback to the log
+            import traceback
 
-    def guarded(handler):
-        async def endpoint(request):
-            from starlette.concurrency import run_in_threadpool
+            traceback.print_exc()
+            return _answer({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+    return endpoint
 
-            try:
-                return answer(await run_in_threadpool(handler, request, await body_of(request)
-                                                      if request.method == "POST" else None))
-            except RequestError as exc:
-                return answer({"error": str(exc)}, exc.status)
-            except UserError as exc:
-                return answer({"error": str(exc)}, 400)
-            except Exception as exc:  # our bug: one line out, the traceback to the log
-                import traceback
 
-                traceback.print_exc()
-                return answer({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
-        return endpoint
+def _page(request):
+    from starlette.responses import Response
 
-    def page(request):
-        file, media = PAGES[request.url.path]
-        return Response((STATIC / file).read_bytes(), media_type=media, headers={"Cache-Control": "no-cache"})
+    file, media = PAGES[request.url.path]
+    return Response((STATIC / file).read_bytes(), media_type=media, headers={"Cache-Control": "no-cache"})
 
-    async def not_found(request, exc):
-        message = {404: f"no such page or endpoint: {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return answer({"error": message}, exc.status_code)
+
+async def _not_found(request, exc):
+    message = {404: f"no such page or endpoint: {request.url.path}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+    return _answer({"error": message}, exc.status_code)
+
+
+def _lifespan(served: Served, address):
+    import contextlib
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -303,15 +307,24 @@ def create_app(served: Served, address: tuple[str, int] | None = None):
         finally:
             if address is not None:
                 remove_states(served)
+    return lifespan
 
-    routes = [Route("/api/query", guarded(lambda request, body: run_query(served, body)), methods=["POST"]),
-              Route("/api/query_by_id", guarded(lambda request, body: query_by_id(served, body)), methods=["POST"]),
-              Route("/api/example/{index}/{id}", guarded(lambda request, body: get_example(
+
+def create_app(served: Served, address: tuple[str, int] | None = None):
+    """The Starlette app over the served indexes; with ``address`` (host, port), its lifespan
+    keeps the state files beside the indexes (written at start-up, removed at shutdown)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    routes = [Route("/api/query", _guarded(lambda request, body: run_query(served, body)), methods=["POST"]),
+              Route("/api/query_by_id", _guarded(lambda request, body: query_by_id(served, body)), methods=["POST"]),
+              Route("/api/example/{index}/{id}", _guarded(lambda request, body: get_example(
                   served, request.path_params["index"], request.path_params["id"]))),
-              Route("/api/indexes", guarded(lambda request, body: {
+              Route("/api/indexes", _guarded(lambda request, body: {
                   "indexes": [served.describe(name) for name in served.indexes]})),
-              *(Route(path, page) for path in PAGES)]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+              *(Route(path, _page) for path in PAGES)]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _not_found}, lifespan=_lifespan(served, address))
 
 
 def write_states(served: Served, host: str, port: int) -> None:
