@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import AuditConfig, BuildConfig, QueryConfig, TrainConfig, cli_parameters, truthy
+from .config import AuditConfig, BuildConfig, QueryConfig, ServeConfig, TrainConfig, cli_parameters, truthy
 from .errors import UserError
 
 app = typer.Typer(
@@ -203,15 +203,20 @@ def query(
     config: QueryConfig = None,
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    local: bool = typer.Option(False, "--local", help="Answer in this process even when a `lite-influence serve` runs for the index."),
 ):
     """Which training examples pushed the model to this answer (proponents), and which fought it (opponents)."""
     from .api import InfluenceIndex
 
-    index = InfluenceIndex.open(index_dir, model=model)
     if (text is None) == (file is None):
         raise UserError("pass either --text \"...\" or --file QUERIES.")
+    result = None if (local or file is not None or model is not None) else _ask_server(
+        index_dir, text=text, pair=pair, label=label, completion=completion, config=config)
+    index = InfluenceIndex.open(index_dir, model=model)
     index.kind.check_query(pair=pair, label=label, completion=completion)
-    if file is not None:
+    if result is not None:
+        pass
+    elif file is not None:
         examples = index.kind.read(file, label2id=index.label2id, queries=True)
         result = index.query(examples.texts, examples.pairs, examples.labels or [None] * len(examples), config,
                              completion=examples.completions)
@@ -221,6 +226,27 @@ def query(
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return
     _print_query(result, index.manifest["label_names"])
+
+
+def _ask_server(index_dir: Path, *, text, pair, label, completion, config: QueryConfig) -> dict | None:
+    """A running server's answer (the model stays warm there: no torch import here), or None."""
+    from .serve import remote_query
+
+    request = {"text": text, "pair": pair, "label": label, "completion": completion,
+               "k": config.k, "layers": config.layers, "agg": config.agg}
+    return remote_query(index_dir, {key: value for key, value in request.items() if value is not None})
+
+
+@app.command(epilog="Example: lite-influence serve runs/index --port 8765, then open http://127.0.0.1:8765/")
+@options_of(ServeConfig)
+def serve(
+    index_dirs: list[Path] = typer.Argument(..., help="Index folders written by `build`, served side by side."),
+    config: ServeConfig = None,
+):
+    """Keep the model warm and answer queries over HTTP, with a page to browse them; `query` finds it by itself."""
+    from .serve import serve as run_server
+
+    run_server([str(p) for p in index_dirs], host=config.host, port=config.port, warm=config.warm)
 
 
 def _print_query(result: dict, names: list[str]) -> None:

@@ -205,3 +205,12 @@ def cli_parameters(cls) -> list[tuple[str, object, object]]:
             annotation = typing.Optional[next(a for a in args if a is not type(None))]
         result.append((f.name, annotation, typer.Option(f.default, *names, help=f.metadata["help"])))
     return result
+
+
+@dataclass
+class ServeConfig(Options):
+    """Options of ``lite-influence serve``."""
+
+    host: str = option("127.0.0.1", "Address to listen on; the default answers this machine only (0.0.0.0 exposes the indexes and their texts to the network).")
+    port: int = option(8765, "Port to listen on (0: any free port; the state file beside each index records the one chosen).")
+    warm: bool = option(True, "Load each index's model with a warm-up query before answering, so the first real query is fast.")

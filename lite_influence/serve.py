@@ -33,10 +33,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Options, option
 from .errors import UserError
 
 STATE_FILE = ".serve.json"
@@ -47,15 +45,6 @@ PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
 QUERY_FIELDS = {"index": str, "text": str, "pair": (str, type(None)), "label": (str, int, type(None)),
                 "completion": (str, type(None)), "k": int, "layers": str, "agg": str}
 BY_ID_FIELDS = {"index": str, "id": int, "k": int, "layers": str, "agg": str}
-
-
-@dataclass
-class ServeConfig(Options):
-    """Options of ``lite-influence serve`` (moves into config.py on merge)."""
-
-    host: str = option("127.0.0.1", "Address to listen on; the default answers this machine only (0.0.0.0 exposes the indexes and their texts to the network).")
-    port: int = option(8765, "Port to listen on (0: any free port; the state file beside each index records the one chosen).")
-    warm: bool = option(True, "Load each index's model with a warm-up query before answering, so the first real query is fast.")
 
 
 # ---------------------------------------------------------------- client (stdlib only)
@@ -85,6 +74,20 @@ def find_server(index_path: str | Path, timeout: float = 0.5) -> str | None:
     if any(os.path.realpath(item.get("path", "")) == mine for item in served.get("indexes", [])):
         return url
     return None
+
+
+def remote_query(index_path: str | Path, request: dict) -> dict | None:
+    """The answer of a server running for this index, or None when there is none (or it went
+    away mid-request): the caller then answers the query itself. A 4xx is the UserError the
+    CLI would have raised locally."""
+    url = find_server(index_path)
+    if url is None:
+        return None
+    try:
+        name = json.loads(state_path(index_path).read_text(encoding="utf-8"))["name"]
+        return ask_server(url, {**request, "index": name})
+    except (OSError, ValueError, KeyError, ConnectionError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:

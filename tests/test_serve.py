@@ -229,6 +229,24 @@ def test_real_server_is_found_and_answers_like_the_api(live_server, index_path, 
     assert str(caught.value) == user_error(lambda: reference.query(QUERY, layers="block9"))
 
 
+def test_cli_query_asks_the_running_server_without_loading_torch(live_server, index_path, reference):
+    """`lite-influence query` finds the server by itself; --local answers in-process, the same."""
+    code = ("import sys; from lite_influence.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nfinally:\n"
+            "    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", code, "query", str(index_path), "--text", QUERY, "-k", "3", "--json"]
+    remote = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    assert remote.returncode == 0, remote.stderr
+    assert "NO-TORCH" in remote.stderr
+    answer = json.loads(remote.stdout)
+    assert "timings" in answer  # the server's answer
+    answer.pop("timings")
+    local = subprocess.run(args + ["--local"], capture_output=True, text=True, timeout=300, env=env)
+    assert local.returncode == 0 and "NO-TORCH" not in local.stderr
+    assert json.loads(local.stdout) == answer
+
+
 def test_shutdown_removes_the_state_file_and_then_nothing_is_found(live_server, index_path):
     url = find_server(index_path)
     assert url is not None
