@@ -65,19 +65,26 @@ def _get(data: dict, dotted: str):
     return data
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def problem(manifest) -> str | None:
     """What is wrong with a manifest (one phrase), or None when it matches the schema."""
     if not isinstance(manifest, dict):
         return "it is not a JSON object"
     try:
         for field, (check, expected) in SCHEMA.items():
-            if not check(_get(manifest, field)):
-                return f"field '{field}' must be {expected}"
+            value = _get(manifest, field)
+            if not check(value):
+                return f"field '{field}' is {_short(value)}, it must be {expected}"
         seen = set()
         for number, layer in enumerate(manifest["layers"]):
             for field, (check, expected) in LAYER_SCHEMA.items():
                 if not isinstance(layer, dict) or field not in layer or not check(layer[field]):
-                    return f"layers[{number}].{field} must be {expected}"
+                    value = layer.get(field, "missing") if isinstance(layer, dict) else layer
+                    return f"layers[{number}].{field} is {_short(value)}, it must be {expected}"
             if layer["name"] in seen:
                 return f"layer '{layer['name']}' appears twice"
             seen.add(layer["name"])
