@@ -126,6 +126,7 @@ def restore_swap(out: Path) -> None:
     when ``out`` is missing; a stale ``.NAME.old`` beside a complete ``out`` is removed."""
     old = aside(out)
     if not old.is_dir():
+        remove(old)  # only a trash folder a kill left mid-removal, if any
         return
     if not out.exists():
         os.replace(old, out)
@@ -137,14 +138,14 @@ def restore_swap(out: Path) -> None:
 def remove(path: Path) -> None:
     """Delete a folder we own: renamed to a trash name first, so a kill mid-way leaves a
     name nothing reads rather than a half-deleted folder under a meaningful one."""
+    trash = path.with_name(path.name + ".trash")
+    if trash.exists():  # left by a kill mid-way
+        shutil.rmtree(trash)
     if not path.exists() and not path.is_symlink():
         return
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
-    trash = path.with_name(path.name + ".trash")
-    if trash.exists():
-        shutil.rmtree(trash)
     os.replace(path, trash)
     fsync_dir(path.parent)
     crash_point(f"{path.name} moved to trash")
