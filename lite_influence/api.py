@@ -20,7 +20,7 @@ import numpy as np
 from .build import Progress, build_index  # noqa: F401 (public)
 from .config import AuditConfig, QueryConfig
 from .errors import UserError
-from .index import IndexStore
+from .store import IndexStore
 from .tasks import QueryGradients, task_of  # noqa: F401 (public)
 
 

@@ -5,7 +5,7 @@ This is where the model side (torch) meets the store (FAISS) for writing; torch 
 transformers are imported inside the functions, so importing this module stays light. The
 build options are recorded once, as ``manifest["build"]`` (``BuildConfig.to_dict()``); the
 top-level ``metric`` and ``index_factory`` are the store's own (it writes and searches FAISS
-with them), and a resumed build must match the whole record (``_resume_point``).
+with them), and a resumed build must match the whole record (``IndexWriter.resume_point``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from . import __version__
 from .config import BuildConfig
 from .data import fingerprint_file
 from .errors import UserError
-from .index import FORMAT_VERSION, IndexStore, IndexWriter
+from .store import FORMAT_VERSION, IndexStore, IndexWriter
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -36,7 +36,7 @@ def build_index(model: str | Path, train_file: str | Path, out: str | Path,
     """
     config = replace(config or BuildConfig(), **options).validate()
     progress = progress or (lambda stage, done, total: None)
-    writer = IndexWriter(out, force=force, resume=resume)
+    writer = IndexWriter(out, force=force, resume=resume, protect=[model, train_file])
     try:
         manifest = _build(Path(model), Path(train_file), writer, config, progress)
         path = writer.commit(manifest, lambda done, total: progress("faiss", done, total))
@@ -45,7 +45,8 @@ def build_index(model: str | Path, train_file: str | Path, out: str | Path,
 
         return InfluenceIndex(IndexStore(path, manifest))
     except KeyboardInterrupt:
-        raise  # the partial folder stays, for `build --resume`
+        writer.close()  # the partial folder stays, for `build --resume`
+        raise
     except BaseException:
         writer.abort()
         raise
@@ -68,7 +69,7 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
     batches = length_batches([len(e["input_ids"]) for e in encodings], config.batch_size)
     identity = {"config": config.to_dict(), "model": model_fingerprint(model_dir),
                 "data": fingerprint_file(train_file), "n": len(examples)}
-    done = _resume_point(writer, identity)
+    done = writer.resume_point(identity)
     projectors = _projectors(loaded, writer, units, encodings, examples.labels, config, progress, done)
     dims = {name: sum(projectors[u.name].dim for u in members) for name, members in layers.items()}
     matrices = {name: writer.vector_file(name, len(examples), dims[name]) for name in layers}
@@ -110,17 +111,6 @@ def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done,
     except KeyboardInterrupt:
         checkpoint()
         raise
-
-
-def _resume_point(writer: IndexWriter, identity: dict) -> int:
-    state = writer.progress()
-    if state is None:
-        return 0
-    if {k: state.get(k) for k in identity} != json.loads(json.dumps(identity)):
-        writer.abort()
-        raise UserError("the interrupted build at --out used other settings, model or data; "
-                        "run the build again without --resume.")
-    return int(state["batches_done"])
 
 
 def _projectors(loaded, writer, units, encodings, labels, config, progress, done) -> dict:

@@ -167,7 +167,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest and file sizes as JSON."),
 ):
     """Show what an index holds: model, data, layers, dims and file sizes."""
-    from .index import IndexStore
+    from .store import IndexStore
 
     store = IndexStore.open(index_dir)
     m, sizes = store.manifest, store.sizes()

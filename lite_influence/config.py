@@ -94,7 +94,7 @@ class BuildConfig(ModelOptions, Columns):
     completion_col: str | None = option(None, "Causal LM: column holding the completion, whose tokens alone carry the loss (default: completion, response, answer, output or target); --text-col is then the prompt. Without one, each text is a whole completion.")
 
     def validate(self):
-        from .index import METRICS, check_factory
+        from .store import METRICS, check_factory
         from .projection import PROJECTIONS
 
         if self.projection not in PROJECTIONS:

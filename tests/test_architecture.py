@@ -31,7 +31,7 @@ def loaded_after(code: str) -> set[str]:
 
 
 def test_the_package_and_the_store_import_no_torch_or_transformers():
-    for statement in ("import lite_influence", "import lite_influence.index", "import lite_influence.config"):
+    for statement in ("import lite_influence", "import lite_influence.store", "import lite_influence.config"):
         modules = loaded_after(statement)
         assert not modules & set(HEAVY), (statement, modules & set(HEAVY))
 

@@ -78,7 +78,7 @@ def write(path: Path, data) -> Path:
 
 
 def _build(c, train, *extra, model=None, out=None):
-    return ["build", model or c["model"], train, "--out", out or c["copy"], *extra]
+    return ["build", model or c["model"], train, "--out", out or c["copy"], "--force", *extra]
 
 
 def _garbage_model(c):
@@ -251,11 +251,12 @@ def test_bad_input_is_one_line_exit_1_and_changes_nothing(capsys, case, make, wo
     assert not [p for p in protected.parent.iterdir() if p.name.startswith(f".{protected.name}.")]
 
 
-def test_force_replaces_a_folder_that_is_not_an_index(capsys, case):
+def test_force_never_replaces_a_folder_that_is_not_an_index(capsys, case):
+    """Issue 10.3: --force replaces an index, a `train` model folder or an empty folder only."""
     args, folder = _not_index(case)
     code, _, err = run(capsys, "-q", *args, "--projection", "random", "--force")
-    assert code == 0, err
-    assert (folder / "manifest.json").is_file() and not (folder / "keep.txt").exists()
+    assert code == 1 and "not a lite-influence index" in err, err
+    assert (folder / "keep.txt").read_text() == "my notes" and not (folder / "manifest.json").exists()
 
 
 def test_moved_model_is_found_with_the_model_flag(capsys, case):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lite_influence.index import IndexStore, IndexWriter
+from lite_influence.store import IndexStore, IndexWriter
 from lite_influence.lookup import nearest
 
 
@@ -18,7 +18,7 @@ def write_store(tmp_path, vectors, metric="dot", factory="Flat"):
     manifest = {"format_version": 1, "n": len(vectors), "metric": metric, "index_factory": factory,
                 "label_names": ["a"], "model": {"fingerprint": "x", "task": "classification"}, "build": {},
                 "layers": [{"name": "layer", "dim": vectors.shape[1], "units": []}], "groups": {}}
-    from lite_influence.index import FORMAT_VERSION
+    from lite_influence.store import FORMAT_VERSION
 
     manifest["format_version"] = FORMAT_VERSION
     return IndexStore(writer.commit(manifest), manifest)

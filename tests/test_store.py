@@ -9,7 +9,7 @@ import pytest
 
 from lite_influence.api import InfluenceIndex, build_index
 from lite_influence.errors import UserError
-from lite_influence.index import IndexStore
+from lite_influence.store import IndexStore
 
 LAYERS = ["embeddings", "block0", "block1", "block2", "head"]
 
@@ -104,11 +104,14 @@ def test_search_equals_brute_force(bert_dir, train_tsv, tmp_path, metric):
         assert ids[0, 0] == 5
 
 
-def test_rebuild_replaces_the_index(bert_dir, train_tsv, tmp_path):
+def test_rebuild_replaces_the_index_only_with_force(bert_dir, train_tsv, tmp_path):
     out = tmp_path / "index"
     first = build_index(bert_dir, train_tsv, out, projection="random", seed=0)
     old_vectors, old_files = first.vectors("block1"), snapshot(out)
-    second = build_index(bert_dir, train_tsv, out, projection="random", seed=1, proj_dim=4)
+    with pytest.raises(UserError, match="already holds an index.*--force"):
+        build_index(bert_dir, train_tsv, out, projection="random", seed=1, proj_dim=4)
+    assert snapshot(out) == old_files and leftovers(out) == []
+    second = build_index(bert_dir, train_tsv, out, projection="random", seed=1, proj_dim=4, force=True)
     assert second.path == out and InfluenceIndex.open(out).manifest["build"]["seed"] == 1
     assert InfluenceIndex.open(out).vectors("block1").shape == (12, 4 * 16)
     assert old_vectors.shape == (12, 4 * 64) and snapshot(out) != old_files
@@ -130,16 +133,18 @@ def test_failed_build_leaves_previous_index_byte_identical(bert_dir, train_tsv, 
     before = snapshot(out)
     if failure == "bad label":
         with pytest.raises(UserError, match="neutral"):
-            build_index(bert_dir, bad_label_file(tmp_path, train_tsv), out, projection="random", seed=3)
+            build_index(bert_dir, bad_label_file(tmp_path, train_tsv), out, projection="random", seed=3, force=True)
     elif failure == "faiss training":  # fails after the gradient pass, while writing FAISS files
         with pytest.raises(UserError, match="IVF64"):
-            build_index(bert_dir, train_tsv, out, projection="random", seed=3, index_factory="IVF64,Flat")
+            build_index(bert_dir, train_tsv, out, projection="random", seed=3, index_factory="IVF64,Flat",
+                        force=True)
     else:
         def interrupt(stage, done, total):
             if stage == "gradients":
                 raise KeyboardInterrupt
         with pytest.raises(KeyboardInterrupt):
-            build_index(bert_dir, train_tsv, out, projection="random", seed=3, batch_size=4, progress=interrupt)
+            build_index(bert_dir, train_tsv, out, projection="random", seed=3, batch_size=4, progress=interrupt,
+                        force=True)
     assert snapshot(out) == before
     assert InfluenceIndex.open(out).manifest["build"]["seed"] == 0
     # an interrupted build keeps its partial folder for --resume; a failed one removes it
@@ -170,7 +175,7 @@ def test_numpy_scan_of_a_few_queries_equals_faiss_search():
     Both must return the same top-k (random vectors: no ties)."""
     import faiss
 
-    from lite_influence.index import FEW_QUERIES, _flat_vectors, _scan
+    from lite_influence.store.faiss_layers import FEW_QUERIES, _flat_vectors, _scan
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((500, 24)).astype(np.float32)

@@ -1,0 +1,141 @@
+"""The FAISS calls: making, writing, reading and searching one index per layer.
+
+Both metrics are served by inner-product indexes; for ``cosine`` vectors are normalised on the
+way in and queries on the way out, so callers never think about it.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .atomic import write_file
+
+FEW_QUERIES = 4  # up to this many queries a flat index is scanned with numpy, beyond it FAISS batches
+
+
+def faiss_module():
+    """faiss, with the BLAS threshold that faiss 1.15 raised set back (5-7x faster batches)."""
+    import faiss
+
+    faiss.cvar.distance_compute_blas_threshold = 20
+    return faiss
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Unit rows; all-zero rows stay zero (an example the model fits exactly has no gradient)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.where(norms > 0, norms, 1)).astype(np.float32)
+
+
+def check_factory(factory: str) -> None:
+    """Refuse a factory string FAISS cannot parse before the slow gradient pass, not after.
+    (Whether it suits the data, e.g. PQ's dim or IVF's training size, shows only at the end.)"""
+    faiss = faiss_module()
+    try:
+        faiss.index_factory(5040, factory, faiss.METRIC_INNER_PRODUCT)  # 5040: divisible by 1..10
+    except RuntimeError as exc:
+        if "could not parse" in str(exc):
+            raise UserError(f"--index-factory '{factory}' is not a FAISS index factory string; "
+                            "use e.g. Flat, HNSW32, IVF256,Flat or PQ32.") from None
+
+
+def make_faiss_index(vectors: np.ndarray, metric: str, factory: str):
+    """An inner-product index of the given factory string, trained if it needs training."""
+    faiss = faiss_module()
+    data = normalise(vectors) if metric == "cosine" else np.ascontiguousarray(vectors, np.float32)
+    if not np.isfinite(data).all():
+        raise UserError("some gradients are NaN or infinite (model weights or inputs overflow); "
+                        "check the model, or lower --max-length.")
+    try:
+        index = faiss.index_factory(data.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(data)
+        index.add(data)
+    except RuntimeError as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "FAISS error"
+        raise UserError(f"FAISS index '{factory}' failed on {data.shape[0]} vectors of dim "
+                        f"{data.shape[1]}: {message}; try --index-factory Flat.") from exc
+    return index
+
+
+def write_faiss(index, path: Path) -> None:
+    """Atomically, like every file of the store; FAISS's own write error becomes an OSError
+    so that a full disk reads as one (ENOSPC) rather than as a FAISS bug."""
+    def fill(tmp: Path) -> None:
+        try:
+            faiss_module().write_index(index, str(tmp))
+        except RuntimeError as exc:
+            if "No space" in str(exc):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+            raise OSError(errno.EIO, f"FAISS could not write the file ({exc})", str(path)) from None
+    write_file(path, fill)
+
+
+def read_faiss(file: Path, dim: int, n: int):
+    """A layer's index, checked against the manifest (size, dim, finite vectors)."""
+    faiss = faiss_module()
+    if not file.is_file():
+        raise UserError(f"index file {file} is missing; rebuild the index.")
+    try:
+        index = faiss.read_index(str(file))
+    except RuntimeError as exc:
+        raise UserError(f"index file {file} is damaged (FAISS cannot read it); rebuild the index.") from exc
+    if index.d != dim or index.ntotal != n:
+        raise UserError(f"index file {file} holds {index.ntotal} vectors of dim {index.d}, the "
+                        f"manifest says {n} of dim {dim}; rebuild the index.")
+    if isinstance(index, faiss.IndexFlat) and not np.isfinite(_flat_vectors(index)).all():
+        raise UserError(f"index file {file} holds NaN or infinite values; rebuild the index.")
+    return index
+
+
+def _ivf(index):
+    """The IVF part of an index (None for Flat, HNSW, PQ...)."""
+    try:
+        return faiss_module().extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _flat_vectors(index) -> np.ndarray:
+    """The vectors of a flat index, as a numpy view of FAISS's own memory (no copy)."""
+    faiss = faiss_module()
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
+def _scan(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product for a few queries: one matrix product and a partial sort.
+    For a lookup's one or two queries this is 2-3x faster than FAISS's flat search
+    (benchmarks/query_latency.py), and ties go to the smaller id."""
+    scores = queries @ vectors.T
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+        np.tile(np.arange(scores.shape[1]), (len(queries), 1))
+    ids = np.empty_like(top)
+    for row in range(len(queries)):
+        candidates = top[row]
+        ids[row] = candidates[np.lexsort((candidates, -scores[row, candidates]))]
+    return np.take_along_axis(scores, ids, 1), ids.astype(np.int64)
+
+
+def make_reconstructable(index) -> None:
+    """IVF indexes reconstruct only through a direct map; build it on first use."""
+    ivf = _ivf(index)
+    if ivf is not None and ivf.direct_map.type == faiss_module().DirectMap.NoMap:
+        ivf.make_direct_map()
+
+
+def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product: (scores, ids), best first. An IVF index pads with id -1 when the
+    lists it probes hold fewer than k vectors; vote and rank need full lists, so the probe is
+    widened until every row has k ids."""
+    if len(queries) <= FEW_QUERIES and isinstance(index, faiss_module().IndexFlat):
+        return _scan(_flat_vectors(index), queries, k)
+    scores, ids = index.search(queries, k)
+    ivf = _ivf(index)
+    while ivf is not None and (ids < 0).any() and ivf.nprobe < ivf.nlist:
+        ivf.nprobe = min(ivf.nlist, 2 * ivf.nprobe)
+        scores, ids = index.search(queries, k)
+    return scores, ids

@@ -1,0 +1,141 @@
+"""A built index, opened read-only: the manifest (checked once), FAISS files, the examples.
+
+Opening reads the manifest alone; FAISS files, examples and the projection are read on first
+use, and each is checked as it is read, so a damaged file is one line naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .atomic import aside, restore_swap
+from .faiss_layers import make_reconstructable, normalise, read_faiss, search
+from .lock import BuildLock
+from .manifest import MANIFEST, read_manifest
+
+
+def is_index(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def recover(out: Path) -> None:
+    """Put back an index that a kill left moved aside mid-swap, unless a build is running
+    (the build finishes the swap itself)."""
+    try:
+        with BuildLock.try_hold(out):
+            restore_swap(out)
+    except (BlockingIOError, OSError):
+        pass
+
+
+class IndexStore:
+    """A built index, opened read-only: manifest, FAISS files (loaded on first use), examples."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self._faiss: dict[str, object] = {}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "IndexStore":
+        root = Path(path)
+        if not root.exists() and aside(root).is_dir():
+            recover(root)
+        if not root.is_dir():
+            raise UserError(f"index folder '{path}' does not exist; build one with `lite-influence build`.")
+        if not is_index(root):
+            raise UserError(f"'{path}' is not a lite-influence index (no {MANIFEST}).")
+        return cls(root, read_manifest(root))
+
+    @property
+    def layers(self) -> list[str]:
+        return [layer["name"] for layer in self.manifest["layers"]]
+
+    @property
+    def n(self) -> int:
+        return int(self.manifest["n"])
+
+    @property
+    def metric(self) -> str:
+        return self.manifest["metric"]
+
+    def layer_info(self, layer: str) -> dict:
+        for info in self.manifest["layers"]:
+            if info["name"] == layer:
+                return info
+        raise UserError(f"unknown layer '{layer}'; this index has: {', '.join(self.layers)}")
+
+    def faiss_index(self, layer: str):
+        if layer not in self._faiss:
+            info = self.layer_info(layer)
+            self._faiss[layer] = read_faiss(self.path / "layers" / f"{layer}.faiss", info["dim"], self.n)
+        return self._faiss[layer]
+
+    def vectors(self, layer: str, ids=None) -> np.ndarray:
+        """Stored vectors (normalised for cosine), exact for Flat/HNSW/IVF, approximate for PQ."""
+        index = self.faiss_index(layer)
+        ids = np.arange(self.n) if ids is None else np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n):
+            raise UserError(f"ids must be in [0, {self.n}); got {ids.min()}..{ids.max()}")
+        make_reconstructable(index)
+        if ids.size == self.n and np.array_equal(ids, np.arange(self.n)):
+            return index.reconstruct_n(0, self.n)
+        return index.reconstruct_batch(ids) if ids.size else np.zeros((0, index.d), np.float32)
+
+    def prepare_queries(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        return normalise(vectors) if self.metric == "cosine" else vectors
+
+    def search(self, layer: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product with each query row: (scores, ids), best first."""
+        return search(self.faiss_index(layer), self.prepare_queries(queries), min(k, self.n))
+
+    @cached_property
+    def examples(self) -> list[dict]:
+        return read_examples(self.path / "examples.jsonl", self.n)
+
+    def projection_arrays(self) -> dict[str, np.ndarray]:
+        return read_projection(self.path / "projection.npz")
+
+    def sizes(self) -> dict[str, int]:
+        return {str(f.relative_to(self.path)): f.stat().st_size
+                for f in sorted(self.path.rglob("*")) if f.is_file()}
+
+
+def read_examples(file: Path, n: int | None) -> list[dict]:
+    """The examples table: one JSON object per line, ``n`` of them, the last one complete."""
+    if not file.is_file():
+        raise UserError(f"{file} is missing; rebuild the index.")
+    rows = []
+    try:
+        with open(file, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.endswith("\n"):
+                    raise ValueError(f"line {number} is cut short")
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"line {number} is not a JSON object")
+                rows.append(row)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{file} is damaged ({exc}); rebuild the index.") from None
+    if n is not None and len(rows) != n:
+        raise UserError(f"{file} holds {len(rows)} examples, the manifest says {n}; rebuild the index.")
+    return rows
+
+
+def read_projection(file: Path) -> dict[str, np.ndarray]:
+    """The fitted eigenbases (pca); {} for a random projection, which is regenerated."""
+    if not file.is_file():
+        return {}
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise UserError(f"{file} is damaged or not an npz file ({type(exc).__name__}); "
+                        "rebuild the index.") from None

@@ -1,0 +1,236 @@
+"""Writing an index: into ``.NAME.partial`` beside ``--out``, resumable, swapped in at the end.
+
+The partial folder holds what a resumed build needs and nothing else::
+
+    .NAME.partial/
+      progress.json        build identity (options, model, data) and batches done
+      vectors/LAYER.npy    one float32 (n x dim) matrix per layer, memory-mapped, preallocated
+      examples.jsonl       the examples table
+      projection.npz       the fitted eigenbases (pca)
+      index/               staged by ``commit``: the finished index, swapped into --out
+
+Why this shape: ``commit`` never deletes or moves a source of the build before the new index
+is in place. It stages ``index/`` from the sources (FAISS files written, the rest hard-linked),
+swaps it with ``--out`` (``atomic.swap_folder``), and only then removes the partial folder,
+by renaming it away first. A kill at any step leaves either the old index at ``--out`` and a
+complete partial (``--resume`` redoes the commit: the same index as an uninterrupted build),
+or the new index at ``--out``.
+
+Nothing here touches an existing partial folder until the build really starts over it
+(``resume_point``), and a failed build removes only a partial folder it created itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .atomic import remove, restore_swap, swap_folder, write_file, write_json
+from .faiss_layers import make_faiss_index, write_faiss
+from .guard import check_out, target
+from .lock import BuildLock
+from .manifest import MANIFEST, problem
+from .reader import read_projection
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class IndexWriter:
+    """Writes a new index beside ``out`` and swaps it into place on ``commit``.
+
+    ``protect``: paths the build reads (model, data); an ``out`` equal to or containing one is
+    refused. ``force``: replace an index (or a `train` model folder) at ``out`` and discard an
+    interrupted build; ``resume``: continue the interrupted build if its identity matches.
+    """
+
+    def __init__(self, out: str | Path, force: bool = False, resume: bool = False, protect=()):
+        self.given, self.out = Path(out), target(out)
+        self.force, self.resume, self.protect = force, resume, list(protect)
+        self.partial = self.out.parent / f".{self.out.name}.partial"
+        check_out(self.out, force, self.protect)  # before anything is written
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot write beside --out '{out}': {exc.strerror}") from exc
+        self._lock = BuildLock(self.out).hold()
+        self._created = self._keep = False
+        self._done = None
+        try:
+            restore_swap(self.out)
+            check_out(self.out, force, self.protect)
+            if self.partial.exists() and not (resume or force):
+                raise UserError(f"an interrupted build of '{out}' is kept in {self.partial}; continue it "
+                                "with the same command and --resume, or discard it with --force.")
+        except BaseException:
+            self._lock.release()
+            raise
+
+    # -- starting or resuming -----------------------------------------------------------
+
+    def progress(self) -> dict | None:
+        file = self.partial / "progress.json"
+        try:
+            return json.loads(file.read_text()) if file.is_file() else None
+        except ValueError:
+            return None  # written atomically: unreadable only if edited by hand; start over
+
+    def resume_point(self, identity: dict) -> int:
+        """Batches already done: those of the interrupted build when resuming one with the
+        same identity, else 0, after clearing the partial folder (the build starts over it).
+        A mismatch is refused and the interrupted build kept."""
+        state = self.progress() if self.resume else None
+        if state is None:
+            self._start_over()
+            return 0
+        differs = _differences(state, json.loads(json.dumps(identity)))
+        if differs:
+            raise UserError(f"the interrupted build in {self.partial} used other settings, model or data "
+                            f"({differs}); resume it with the same options as the first run and --resume, "
+                            "or discard it with --force (without --resume).")
+        self._done = int(state["batches_done"])
+        return self._done
+
+    def _start_over(self) -> None:
+        with self._disk():
+            remove(self.partial)
+            (self.partial / "vectors").mkdir(parents=True)
+        self._created, self._done = True, 0
+
+    def _started(self) -> None:
+        if self._done is None:  # a caller that writes without asking where to resume
+            self._start_over()
+
+    # -- the build's files ----------------------------------------------------------------
+
+    def save_progress(self, state: dict) -> None:
+        with self._disk():
+            write_json(self.partial / "progress.json", state)
+
+    def vector_file(self, layer: str, n: int, dim: int) -> np.memmap:
+        """The layer's (n x dim) float32 matrix on disk, created (with its space reserved, so a
+        full disk shows now rather than as a crash mid-build) or reopened for resuming."""
+        self._started()
+        file = self.partial / "vectors" / f"{layer}.npy"
+        if file.is_file():
+            try:
+                matrix = np.load(file, mmap_mode="r+", allow_pickle=False)
+                if matrix.shape == (n, dim):
+                    return matrix
+            except (ValueError, OSError):
+                pass
+        if self._done:
+            raise UserError(f"the vectors of layer {layer} of the interrupted build in {self.partial} are "
+                            "missing or damaged; discard it with --force (without --resume).")
+        with self._disk():
+            matrix = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=(n, dim))
+            with open(file, "rb+") as handle:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        return matrix
+
+    def write_examples(self, rows: list[dict]) -> None:
+        def fill(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._started()
+        with self._disk():
+            write_file(self.partial / "examples.jsonl", fill)
+
+    def write_projection(self, arrays: dict[str, np.ndarray]) -> None:
+        self._started()
+        if arrays:
+            with self._disk():
+                write_file(self.partial / "projection.npz", lambda tmp: _save_npz(tmp, arrays))
+
+    def read_projection(self) -> dict[str, np.ndarray]:
+        return read_projection(self.partial / "projection.npz")
+
+    # -- finishing ------------------------------------------------------------------------
+
+    def commit(self, manifest: dict, on_layer=None) -> Path:
+        """Stage the index from the partial folder's sources, swap it into place, then remove
+        the partial folder. Every step can be killed and redone by ``--resume``."""
+        issue = problem(json.loads(json.dumps(manifest)))
+        if issue:
+            raise ValueError(f"the manifest to write is invalid: {issue}")
+        with self._disk():
+            stage = self._stage(manifest, on_layer)
+            swap_folder(stage, self.out)
+            remove(self.partial)  # holds the old index now (or nothing); ours to delete
+        self.close()
+        return self.given
+
+    def _stage(self, manifest: dict, on_layer) -> Path:
+        stage = self.partial / "index"
+        remove(stage)  # a stage a kill left, or the old index a previous swap put there
+        (stage / "layers").mkdir(parents=True)
+        for name in ("examples.jsonl", "projection.npz"):
+            if (self.partial / name).is_file():
+                _link(self.partial / name, stage / name)
+        for number, layer in enumerate(manifest["layers"]):
+            if on_layer:
+                on_layer(number, len(manifest["layers"]))
+            vectors = np.load(self.partial / "vectors" / f"{layer['name']}.npy", mmap_mode="r",
+                              allow_pickle=False)
+            index = make_faiss_index(np.asarray(vectors), manifest["metric"], manifest["index_factory"])
+            write_faiss(index, stage / "layers" / f"{layer['name']}.faiss")
+        write_json(stage / MANIFEST, manifest)
+        return stage
+
+    def close(self) -> None:
+        """Release the lock; the partial folder stays (an interrupted build, for --resume)."""
+        self._lock.release()
+
+    def abort(self) -> None:
+        """After a failure: remove the partial folder if this run created it (an interrupted
+        build from before is never deleted, nor one a full disk stopped), release the lock."""
+        if self._created and not self._keep:
+            shutil.rmtree(self.partial, ignore_errors=True)
+        self.close()
+
+    @contextmanager
+    def _disk(self):
+        """A full disk (or quota) is the user's to fix: one line, and the work so far is kept."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in DISK_ERRORS:
+                raise
+            self._keep = True
+            raise UserError(f"no space left to write the index beside '{self.given}' ({exc.strerror}); "
+                            "free some space, then run the same build with --resume.") from None
+
+
+def _differences(state: dict, identity: dict) -> str:
+    """Which parts of the identity differ, in words: 'batch_size 1 then, 4 now', 'the model'."""
+    words = []
+    for key, now in identity.items():
+        then = state.get(key)
+        if then == now:
+            continue
+        if key == "config" and isinstance(then, dict):
+            words += [f"{name} {then.get(name)!r} then, {value!r} now"
+                      for name, value in now.items() if then.get(name) != value]
+        else:
+            words.append({"model": "the model", "data": "the data", "n": "the number of examples"}.get(key, key))
+    return "; ".join(words)
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def _link(source: Path, destination: Path) -> None:
+    """A hard link (no copy of a large examples table); a copy where links are not allowed."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
