@@ -16,12 +16,14 @@ from typing import Optional
 import click
 import typer
 from rich.console import Console
-from rich.markup import escape
+from .terminal import shown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import AuditConfig, BuildConfig, QueryConfig, ServeConfig, TrainConfig, cli_parameters, truthy
+from .config import AuditConfig, BuildConfig, QueryConfig, ServeConfig, TrainConfig, cli_parameters
+from . import render
 from .errors import UserError
+from .render import console
 
 app = typer.Typer(
     add_completion=False,
@@ -31,7 +33,6 @@ app = typer.Typer(
     help="Which training examples made my language model do this? Per-layer gradient "
          "influence in FAISS indexes, on a CPU.",
 )
-console = Console()
 err = Console(stderr=True)
 STATE = {"debug": False, "quiet": False}
 # typer >= 0.20 runs on its own copy of click (typer._click), whose usage errors are not
@@ -150,15 +151,11 @@ def train(
                   title_justify="left")
     for row in result.history:
         mark = " [green]<- kept[/]" if row.get("epoch") == result.chosen_epoch else ""
-        table.add_row(str(row.get("epoch")), _fmt(row.get("train_loss")), _fmt(row.get("eval_loss")),
-                      _fmt(row.get("eval_accuracy")) + mark)
+        table.add_row(str(row.get("epoch")), render.fmt(row.get("train_loss")), render.fmt(row.get("eval_loss")),
+                      render.fmt(row.get("eval_accuracy")) + mark)
     console.print(table)
     if result.n_noisy and not STATE["quiet"]:
         err.print(f"{result.n_noisy} labels flipped; see train_used.* in {result.out} (column noisy)")
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
 
 
 @app.command(epilog="Example: lite-influence info runs/index --json")
@@ -179,13 +176,13 @@ def info(
                        ("examples", f"{m['n']:,}"), ("labels", ", ".join(m["label_names"])),
                        ("projection", f"{m['build']['projection']}, {m['build']['proj_dim']} per side"),
                        ("metric", m["metric"]), ("FAISS", m["index_factory"]),
-                       ("data", m["data"]["path"]), ("size", _human(sum(sizes.values())))):
-        summary.add_row(f"[bold]{key}[/]", escape(str(value)))
+                       ("data", m["data"]["path"]), ("size", render.human(sum(sizes.values())))):
+        summary.add_row(f"[bold]{key}[/]", shown(str(value)))
     console.print(summary)
     table = Table("layer", "units", "dim", "file size", title="layers")
     for layer in m["layers"]:
         size = sizes.get(f"layers/{layer['name']}.faiss", 0)
-        table.add_row(layer["name"], str(len(layer["units"])), str(layer["dim"]), _human(size))
+        table.add_row(layer["name"], str(len(layer["units"])), str(layer["dim"]), render.human(size))
     console.print(table)
     console.print("groups: " + "; ".join(f"{g}: {', '.join(ls)}" for g, ls in m["groups"].items()))
 
@@ -225,7 +222,7 @@ def query(
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return
-    _print_query(result, index.manifest["label_names"])
+    render.print_query(result, index.manifest["label_names"])
 
 
 def _ask_server(index_dir: Path, *, text, pair, label, completion, config: QueryConfig) -> dict | None:
@@ -247,50 +244,6 @@ def serve(
     from .serve import serve as run_server
 
     run_server([str(p) for p in index_dirs], host=config.host, port=config.port, warm=config.warm)
-
-
-def _print_query(result: dict, names: list[str]) -> None:
-    q = result["query"]
-    pred = q["prediction"]
-    lm = "completion_source" in q  # a completion is explained, not a label
-    if lm and len(result["queries"]) == 1:
-        console.print(f"[bold]prompt[/]: {escape(q['text'])}")
-        console.print(f"[bold]completion[/] ({q['completion_source']}, {q['completion_tokens']} tokens): "
-                      f"{escape(q['completion'])}")
-        console.print(f"loss {q['loss']:.3f} (summed over the completion's tokens); the model's argmax gives "
-                      f"{q['argmax_matches']}/{q['completion_tokens']} of them")
-    elif lm:
-        greedy = sum(x["argmax_matches"] == x["completion_tokens"] for x in result["queries"])
-        console.print(f"[bold]{len(result['queries'])} queries[/], {greedy} whose completion is the model's argmax")
-    elif len(result["queries"]) == 1:
-        console.print(f"[bold]query[/]: {escape(q['text'])}" + (f"  [dim]|[/] {escape(q['pair'])}" if q["pair"] else ""))
-        console.print(f"prediction: [bold]{pred['label_name']}[/] (p={pred['probability']:.2f}); "
-                  f"explaining label [bold]{q['label_name']}[/], loss {q['loss']:.3f}")
-    else:
-        correct = sum(x["prediction"]["label"] == x["label"] for x in result["queries"])
-        console.print(f"[bold]{len(result['queries'])} queries[/], {correct} predicted as labelled")
-    if result["k_clamped"]:
-        console.print(f"[yellow]note[/]: -k is larger than the index; showing all {result['k']} examples.")
-    score = {"vote": "votes", "rank": "mean rank", "mean": "mean score"}[result["agg"]]
-    target = "completion" if lm else "label"
-    for side, colour, blurb in (("proponents", "green", f"pushed towards this {target}"),
-                                ("opponents", "red", "pushed against it")):
-        table = Table(title=f"[{colour}]{side}[/]: {blurb} ({result['agg']} over {len(result['layers'])} layers, {result['metric']})",
-                      expand=True, title_justify="left")
-        table.add_column("id", justify="right", no_wrap=True)
-        table.add_column(score, justify="right", no_wrap=True)
-        columns = ("prompt", "completion") if lm else ("label", "text")
-        table.add_column(columns[0], no_wrap=True, overflow="ellipsis", ratio=1 if lm else None)
-        table.add_column(columns[1], ratio=1, no_wrap=True, overflow="ellipsis")
-        table.add_column("layers", no_wrap=True, overflow="ellipsis", max_width=28)
-        for row in result[side]:
-            label = row["label"]
-            name = names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
-            flag = " [yellow](noisy)[/]" if truthy(row["extra"].get("noisy", "")) else ""
-            cells = ((escape(str(row["text"])), escape(str(row.get("completion"))) + flag) if lm
-                     else (escape(name) + flag, escape(str(row["text"]))))
-            table.add_row(str(row["id"]), f"{row['score']:.3g}", *cells, ",".join(row["retrieved_in"]))
-        console.print(table)
 
 
 @app.command(epilog="Example: lite-influence audit runs/index influence.tsv --agg rank,vote --export ranking.csv --plot curves.png")
@@ -319,34 +272,10 @@ def audit(
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
         return
-    _print_audit(result)
+    render.print_audit(result)
     for path in (export, plot):
         if path and not STATE["quiet"]:
             err.print(f"wrote {path}")
-
-
-def _print_audit(result) -> None:
-    from .ndr import level_key
-
-    levels = [level_key(p) for p in result.levels]
-    has_ndr = result.noisy is not None
-    title = (f"{result.n:,} training examples, {result.n_queries} queries ({result.n_correct} predicted correctly)"
-             + (f", {int(result.noisy.sum())} known noisy" if has_ndr else ""))
-    table = Table("scope", "agg", *([c.upper() for c in levels] + ["AUC-NDR"] if has_ndr else ["top 5 most detrimental"]),
-                  title=title, title_justify="left")
-    best = {c: max((r[c] for r in result.table), default=None) for c in levels + ["auc_ndr"]} if has_ndr else {}
-    for row in result.table:
-        if has_ndr:
-            cells = [f"[bold green]{row[c]:.3f}[/]" if row[c] == best[c] else f"{row[c]:.3f}" for c in levels + ["auc_ndr"]]
-        else:
-            cells = [", ".join(str(i) for i in result.rankings[(row["scope"], row["agg"].removesuffix("-c"),
-                                                                 "correct" if row["agg"].endswith("-c") else "all")][0][:5])]
-        table.add_row(row["scope"], row["agg"], *cells)
-    for name, values in result.baselines.items():
-        table.add_row(f"[dim]{name}[/]", "", *[f"[dim]{values[c]:.3f}[/]" for c in levels + ["auc_ndr"]])
-    console.print(table)
-    for note in result.notes:
-        console.print(f"[yellow]note[/]: {note}")
 
 
 @app.command(epilog="Example: lite-influence demo --out demo-out")
@@ -379,13 +308,13 @@ def demo(
     console.rule("[bold]2. audit: can influence find the flipped labels?")
     console.print("Each training example is scored by how much it hurts 100 clean queries; NDR@p is the "
                   "share of flipped labels found in the first p% of that ranking (random: p).")
-    _print_audit(result.audit)
+    render.print_audit(result.audit)
     best = result.audit.best()
     if best:
         console.print(f"best: [bold]{best['scope']}[/] with [bold]{best['agg']}[/] "
                       f"(AUC-NDR {best['auc_ndr']:.3f}; random {result.audit.baselines['random']['auc_ndr']:.3f})")
     console.rule("[bold]3. lookup: why this prediction?")
-    _print_query(result.lookup, result.label_names)
+    render.print_query(result.lookup, result.label_names)
     console.rule("[bold]written")
     for name, path in result.files.items():
         console.print(f"{name:<24} {path}")
@@ -393,12 +322,12 @@ def demo(
                   + f"; total {sum(result.seconds.values()):.0f} s")
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(size)
+def _interrupted(argv: list[str]) -> str:
+    """What Ctrl-C left behind, for the command that was running."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    return {"build": "nothing was replaced; the partial build is kept: rerun the same command with --resume to continue.",
+            "train": "nothing was written to --out.",
+            "serve": "the server stopped."}.get(command, "nothing was written.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -409,15 +338,15 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(1)
     except UserError as exc:  # escaped: paths, texts and regexes may hold [brackets]
-        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {shown(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (KeyboardInterrupt, click.Abort, typer.Abort):
-        err.print("[yellow]interrupted[/]: nothing was replaced; an interrupted build can continue with --resume.")
+        err.print(f"[yellow]interrupted[/]: {_interrupted(argv if argv is not None else sys.argv[1:])}")
         sys.exit(130)
     except Exception as exc:
         if STATE["debug"]:
             raise
-        err.print(f"[red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
+        err.print(f"[red]internal error:[/] {type(exc).__name__}: {shown(str(exc))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

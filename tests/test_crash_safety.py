@@ -62,9 +62,9 @@ if mode == "names":
 
 
 def manifest(seed: int) -> dict:
-    return {"format_version": 1, "n": N, "metric": "dot", "index_factory": "Flat", "projection": "pca",
-            "proj_dim": 2, "seed": seed, "label_names": ["neg", "pos"],
-            "model": {"path": "/m", "fingerprint": "f"}, "data": {"path": "/d"}, "build": {"seed": seed},
+    return {"format_version": 1, "n": N, "metric": "dot", "index_factory": "Flat", "label_names": ["neg", "pos"],
+            "model": {"path": "/m", "fingerprint": "f"}, "data": {"path": "/d"},
+            "build": {"seed": seed, "projection": "pca", "proj_dim": 2},
             "layers": [{"name": n, "dim": d, "units": [{"name": n}]} for n, d in LAYERS.items()],
             "groups": {"all": list(LAYERS)}}
 
@@ -78,7 +78,7 @@ def child(out: Path, mode: str, seed: int, exchange: bool) -> subprocess.Complet
 
 def contents(path: Path) -> dict:
     store = IndexStore.open(path)
-    return {"seed": store.manifest["seed"], "examples": store.examples,
+    return {"seed": store.manifest["build"]["seed"], "examples": store.examples,
             "projection": {k: v.tolist() for k, v in store.projection_arrays().items()},
             **{layer: store.vectors(layer).tolist() for layer in store.layers}}
 
@@ -195,10 +195,10 @@ def test_symlink_out_keeps_working_across_builds(bert_dir, train_tsv, tmp_path):
     link = tmp_path / "current"
     link.symlink_to(real, target_is_directory=True)
     first = build_index(bert_dir, train_tsv, link, projection="random", seed=0)
-    assert first.path == link and IndexStore.open(link).manifest["seed"] == 0
+    assert first.path == link and IndexStore.open(link).manifest["build"]["seed"] == 0
     build_index(bert_dir, train_tsv, link, projection="random", seed=1, force=True)
     assert link.is_symlink() and link.resolve() == real.resolve()
-    assert IndexStore.open(link).manifest["seed"] == 1 and IndexStore.open(real).manifest["seed"] == 1
+    assert IndexStore.open(link).manifest["build"]["seed"] == 1 and IndexStore.open(real).manifest["build"]["seed"] == 1
 
 
 @pytest.mark.parametrize("where", ["model folder", "data folder", "above the data"])
@@ -274,12 +274,12 @@ def test_a_second_build_stops_at_once_while_queries_keep_working(bert_dir, train
         with pytest.raises(UserError, match=f"another build \\(pid {other.pid}\\) is writing {out}"):
             build_index(bert_dir, train_tsv, out, projection="random", seed=4, force=True)
         index = InfluenceIndex.open(out)
-        assert index.manifest["seed"] == 0 and index.store.search("block1", index.vectors("block1")[:1], 3)[1][0, 0] >= 0
+        assert index.manifest["build"]["seed"] == 0 and index.store.search("block1", index.vectors("block1")[:1], 3)[1][0, 0] >= 0
     finally:
         other.kill()
         other.wait()
     build_index(bert_dir, train_tsv, out, projection="random", seed=4, force=True)  # the kernel dropped the lock
-    assert IndexStore.open(out).manifest["seed"] == 4
+    assert IndexStore.open(out).manifest["build"]["seed"] == 4
 
 
 def test_full_disk_is_one_line_and_the_build_resumes(bert_dir, train_tsv, tmp_path, monkeypatch):

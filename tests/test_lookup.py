@@ -16,7 +16,8 @@ def write_store(tmp_path, vectors, metric="dot", factory="Flat"):
     matrix[:] = vectors
     writer.write_examples([{"id": i, "text": f"t{i}", "label": 0} for i in range(len(vectors))])
     manifest = {"format_version": 1, "n": len(vectors), "metric": metric, "index_factory": factory,
-                "label_names": ["a"], "model": {"fingerprint": "x", "task": "classification"}, "build": {},
+                "label_names": ["a"], "model": {"path": "/m", "fingerprint": "x", "task": "classification"},
+                "data": {"path": "/d"}, "build": {"projection": "random", "proj_dim": 2, "seed": 0},
                 "layers": [{"name": "layer", "dim": vectors.shape[1], "units": []}], "groups": {}}
     from lite_influence.store import FORMAT_VERSION
 

@@ -1,0 +1,94 @@
+"""How results look on a terminal: the query's tables, the audit's table, sizes.
+
+Apart from cli.py so that the command line stays about parsing and calling the API; every
+user string goes through ``terminal.shown`` (control characters visible, no rich markup).
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from .config import truthy
+from .terminal import shown
+from rich.table import Table
+
+console = Console()
+
+
+def fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def print_query(result: dict, names: list[str]) -> None:
+    q = result["query"]
+    pred = q["prediction"]
+    lm = "completion_source" in q  # a completion is explained, not a label
+    if lm and len(result["queries"]) == 1:
+        console.print(f"[bold]prompt[/]: {shown(q['text'])}")
+        console.print(f"[bold]completion[/] ({q['completion_source']}, {q['completion_tokens']} tokens): "
+                      f"{shown(q['completion'])}")
+        console.print(f"loss {q['loss']:.3f} (summed over the completion's tokens); the model's argmax gives "
+                      f"{q['argmax_matches']}/{q['completion_tokens']} of them")
+    elif lm:
+        greedy = sum(x["argmax_matches"] == x["completion_tokens"] for x in result["queries"])
+        console.print(f"[bold]{len(result['queries'])} queries[/], {greedy} whose completion is the model's argmax")
+    elif len(result["queries"]) == 1:
+        console.print(f"[bold]query[/]: {shown(q['text'])}" + (f"  [dim]|[/] {shown(q['pair'])}" if q["pair"] else ""))
+        console.print(f"prediction: [bold]{pred['label_name']}[/] (p={pred['probability']:.2f}); "
+                  f"explaining label [bold]{q['label_name']}[/], loss {q['loss']:.3f}")
+    else:
+        correct = sum(x["prediction"]["label"] == x["label"] for x in result["queries"])
+        console.print(f"[bold]{len(result['queries'])} queries[/], {correct} predicted as labelled")
+    if result["k_clamped"]:
+        console.print(f"[yellow]note[/]: -k is larger than the index; showing all {result['k']} examples.")
+    score = {"vote": "votes", "rank": "mean rank", "mean": "mean score"}[result["agg"]]
+    target = "completion" if lm else "label"
+    for side, colour, blurb in (("proponents", "green", f"pushed towards this {target}"),
+                                ("opponents", "red", "pushed against it")):
+        table = Table(title=f"[{colour}]{side}[/]: {blurb} ({result['agg']} over {len(result['layers'])} layers, {result['metric']})",
+                      expand=True, title_justify="left")
+        table.add_column("id", justify="right", no_wrap=True)
+        table.add_column(score, justify="right", no_wrap=True)
+        columns = ("prompt", "completion") if lm else ("label", "text")
+        table.add_column(columns[0], no_wrap=True, overflow="ellipsis", ratio=1 if lm else None)
+        table.add_column(columns[1], ratio=1, no_wrap=True, overflow="ellipsis")
+        table.add_column("layers", no_wrap=True, overflow="ellipsis", max_width=28)
+        for row in result[side]:
+            label = row["label"]
+            name = names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
+            flag = " [yellow](noisy)[/]" if truthy(row["extra"].get("noisy", "")) else ""
+            cells = ((shown(str(row["text"])), shown(str(row.get("completion"))) + flag) if lm
+                     else (shown(name) + flag, shown(str(row["text"]))))
+            table.add_row(str(row["id"]), f"{row['score']:.3g}", *cells, ",".join(row["retrieved_in"]))
+        console.print(table)
+
+
+def print_audit(result) -> None:
+    from .ndr import level_key
+
+    levels = [level_key(p) for p in result.levels]
+    has_ndr = result.noisy is not None
+    title = (f"{result.n:,} training examples, {result.n_queries} queries ({result.n_correct} predicted correctly)"
+             + (f", {int(result.noisy.sum())} known noisy" if has_ndr else ""))
+    table = Table("scope", "agg", *([c.upper() for c in levels] + ["AUC-NDR"] if has_ndr else ["top 5 most detrimental"]),
+                  title=title, title_justify="left")
+    best = {c: max((r[c] for r in result.table), default=None) for c in levels + ["auc_ndr"]} if has_ndr else {}
+    for row in result.table:
+        if has_ndr:
+            cells = [f"[bold green]{row[c]:.3f}[/]" if row[c] == best[c] else f"{row[c]:.3f}" for c in levels + ["auc_ndr"]]
+        else:
+            cells = [", ".join(str(i) for i in result.rankings[(row["scope"], row["agg"].removesuffix("-c"),
+                                                                 "correct" if row["agg"].endswith("-c") else "all")][0][:5])]
+        table.add_row(row["scope"], row["agg"], *cells)
+    for name, values in result.baselines.items():
+        table.add_row(f"[dim]{name}[/]", "", *[f"[dim]{values[c]:.3f}[/]" for c in levels + ["auc_ndr"]])
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note[/]: {note}")
+
+
+def human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
