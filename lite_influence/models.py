@@ -38,6 +38,10 @@ from .errors import UserError
 from .tasks import TASKS, causal_encoding, greedy_completions, prompt_ids, task_of  # noqa: F401 (re-exported)
 
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "config.json", "adapter_config.json")
+# What turns text into ids: another vocabulary or normaliser gives other inputs, so other
+# influences, with the very same weights.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.txt", "vocab.json", "merges.txt", "*.model", "chat_template.*")
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}
 
@@ -101,8 +105,30 @@ def adapter_base(folder: str | Path) -> Path:
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """sha256 of the config and weight files: whether a model is the one an index was built on.
-    For a LoRA adapter folder: its files (adapter weights and config) and the base's fingerprint."""
+    """Whether a model is the one an index was built on: its weights, config and tokenizer
+    files (``fingerprint.py``: each file's digest cached, so a second query hashes nothing).
+    For a LoRA adapter folder: its own files and the base's fingerprint. Prefixed ``v2:``;
+    indexes from before the tokenizer was covered hold a plain ``sha256:`` one, checked with
+    ``legacy_fingerprint``."""
+    from .fingerprint import fingerprint_files
+
+    root = Path(path)
+    files = sorted({f for pattern in _WEIGHT_FILES + _TOKENIZER_FILES for f in root.glob(pattern) if f.is_file()})
+    value = fingerprint_files(root, files)
+    if is_adapter(root):
+        value += "+base:" + model_fingerprint(adapter_base(root))
+    return "v2:" + value
+
+
+def fingerprint_matches(path: str | Path, recorded: str) -> bool:
+    """``recorded`` (from a manifest) against the model at ``path``, in the recorded scheme."""
+    if recorded.startswith("v2:"):
+        return model_fingerprint(path) == recorded
+    return legacy_fingerprint(path) == recorded
+
+
+def legacy_fingerprint(path: str | Path) -> str:
+    """The fingerprint of indexes built before v2: config and weight files only."""
     root = Path(path)
     files = sorted({f for pattern in _WEIGHT_FILES for f in root.glob(pattern) if f.is_file()})
     digest = hashlib.sha256()
@@ -112,7 +138,7 @@ def model_fingerprint(path: str | Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     if is_adapter(root):
-        digest.update(b"base\0" + model_fingerprint(adapter_base(root)).encode())
+        digest.update(b"base\0" + legacy_fingerprint(adapter_base(root)).encode())
     return "sha256:" + digest.hexdigest()
 
 

@@ -66,13 +66,13 @@ class Session:
 
 
 def _verified_model_path(manifest: dict, model_path) -> Path:
-    from .models import is_model_folder, model_fingerprint
+    from .models import fingerprint_matches, is_model_folder
 
     path = Path(model_path or manifest["model"]["path"])
     if not is_model_folder(path):
         raise UserError(f"the index's model folder '{path}' is missing (moved or deleted?); pass "
                         "--model with its new location.")
-    if model_fingerprint(path) != manifest["model"]["fingerprint"]:
+    if not fingerprint_matches(path, manifest["model"]["fingerprint"]):
         raise UserError(f"the model at '{path}' is not the one this index was built with "
                         "(fingerprint mismatch); rebuild the index, or pass --model with the original model folder.")
     return path

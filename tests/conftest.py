@@ -47,6 +47,14 @@ def random_batch(batch: int = 4, length: int = 9, seed: int = 0):
     return {"input_ids": ids, "attention_mask": mask}, labels
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_hash_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache/lite-influence."""
+    import os
+
+    os.environ["LITE_INFLUENCE_CACHE"] = str(tmp_path_factory.mktemp("hash-cache"))
+
+
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory):
     """A tiny BERT classifier with a real (word-level) tokenizer, saved like a hub folder."""

@@ -22,6 +22,18 @@ def test_fingerprint_follows_the_weights_not_the_path(bert_dir, tmp_path):
     assert model_fingerprint(copy) != model_fingerprint(bert_dir)
 
 
+def test_fingerprint_covers_the_tokenizer_and_old_indexes_still_verify(bert_dir, tmp_path):
+    from lite_influence.models import fingerprint_matches, legacy_fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bert_dir, copy)
+    tokenizer = next(f for f in copy.iterdir() if f.name in ("tokenizer.json", "vocab.txt"))
+    tokenizer.write_text(tokenizer.read_text().replace("the", "teh", 1))  # same weights, other tokenizer
+    assert model_fingerprint(copy) != model_fingerprint(bert_dir)
+    assert not fingerprint_matches(copy, model_fingerprint(bert_dir))
+    assert fingerprint_matches(copy, legacy_fingerprint(bert_dir))  # a pre-v2 index knew no tokenizer
+
+
 @pytest.mark.parametrize("architectures, task", [(["GPT2LMHeadModel"], "causal-lm"), (["LlamaForCausalLM"], "causal-lm"),
                                                  (["BertForSequenceClassification"], "classification"), (None, "classification")])
 def test_detect_task(architectures, task):
