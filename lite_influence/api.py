@@ -127,6 +127,7 @@ class InfluenceIndex:
         ``completion`` what to explain (None: the model's greedy continuation, reported in
         ``query["completion"]``).
         """
+        from .audit import chance_warning
         from .lookup import lookup
 
         config = replace(config or QueryConfig(), **options).validate()
@@ -142,9 +143,10 @@ class InfluenceIndex:
         queries = [self.kind.describe(grads, i, texts, pairs, names) for i in range(len(texts))]
         result = {"query": queries[0], "queries": queries, "prediction": queries[0]["prediction"],
                   "agg": config.agg, "metric": self.store.metric, "layers": layers, "k": k,
-                  "k_clamped": config.k > len(self)}
+                  "k_clamped": config.k > len(self),
+                  "warning": chance_warning(grads, [value is not None for value in labels])}
         for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
-            result[side] = lookup(self.store, self.examples, grads.vectors, layers, sign, k, config.agg)
+            result[side] = lookup(self.store, self.examples, grads.vectors, layers, sign, k, config.agg, config.vote_p)
         return result
 
     def audit(self, queries: str | Path, config: AuditConfig | None = None,

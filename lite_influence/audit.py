@@ -29,6 +29,7 @@ from .aggregate import mean_ranks, order, vote_depth, votes
 from .config import truthy
 from .data import write_rows
 from .errors import UserError
+from .chance import check_chance
 from .lookup import nearest
 
 
@@ -47,6 +48,7 @@ class AuditResult:
     cancellation: dict[str, float] = field(default_factory=dict)
     baselines: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warning: str | None = None  # the model is at chance on the queries (chance.py)
 
     @property
     def ranking(self) -> np.ndarray:
@@ -63,7 +65,8 @@ class AuditResult:
         return {"n": self.n, "n_queries": self.n_queries, "n_correct": self.n_correct,
                 "n_noisy": None if self.noisy is None else int(self.noisy.sum()),
                 "levels": list(self.levels), "table": self.table, "baselines": self.baselines,
-                "cancellation": self.cancellation, "notes": self.notes}
+                "cancellation": self.cancellation, "notes": self.notes,
+                "warning": self.warning}
 
     def export(self, path: str | Path, examples: list[dict], scope: str = "all",
                agg: str | None = None, subset: str = "all") -> Path:
@@ -107,6 +110,16 @@ def scopes(index, spec: str) -> dict[str, tuple[str, list[str]]]:
     return result
 
 
+def chance_warning(grads, given=None) -> str | None:
+    """One line when the model does no better than the majority class on the labelled queries
+    (``given``: which queries had a label; default all); None for causal LMs and otherwise."""
+    if grads.completions is not None:
+        return None
+    mask = np.ones(len(grads.labels), bool) if given is None else np.asarray(given, bool)
+    check = check_chance(grads.labels[mask], grads.predicted[mask])
+    return check.warning() if check is not None else None
+
+
 def run_audit(index, queries, config, progress) -> AuditResult:
     """The whole audit (module docstring); ``config`` is a validated ``AuditConfig``."""
     levels, aggs = config.level_fractions, config.agg_list
@@ -130,6 +143,9 @@ def run_audit(index, queries, config, progress) -> AuditResult:
         progress("layers", number + 1, len(layers))
     result = AuditResult(len(index), len(examples), int(grads.correct.sum()), noisy, levels,
                          cancellation=cancellation)
+    result.warning = chance_warning(grads)
+    if result.warning:
+        result.notes.insert(0, result.warning)
     for subset, mask in subsets.items():
         if not mask.any():
             result.notes.append(f"no query in subset '{subset}'; its rows are left out")

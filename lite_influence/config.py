@@ -118,6 +118,7 @@ class QueryConfig(Options):
     k: int = option(10, "How many proponents and opponents to show.", flag="--k", short="-k")
     layers: str = option("all", "Layers to search: a group (embeddings, early, middle, late, head, all) or layer names, comma-separated.")
     agg: str = option("vote", "How the layers' lists are combined: vote (weighted by rank), rank (mean rank) or mean (mean exact score).")
+    vote_p: float = option(0.2, "Vote: each layer's list votes for its top p fraction of the training set (as in audit); -k only truncates the combined ranking.")
     batch_size: int = option(16, "Queries per forward/backward pass (with --file).")
     max_new_tokens: int = option(20, "Causal LM without --completion: explain the model's greedy continuation of up to this many tokens (it stops at end-of-text).")
 
@@ -126,6 +127,8 @@ class QueryConfig(Options):
             raise UserError(f"unknown aggregation '{self.agg}'; use one of {', '.join(AGGREGATIONS)}")
         if self.k < 1:
             raise UserError(f"-k must be at least 1, got {self.k}")
+        if not 0 < self.vote_p <= 1:
+            raise UserError(f"--vote-p must be a fraction in (0, 1], got {self.vote_p}")
         return self
 
 

@@ -33,31 +33,32 @@ def nearest(store, layer: str, queries: np.ndarray, sign: float, depth: int) -> 
 
 
 def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: float, k: int,
-           agg: str) -> list[dict]:
+           agg: str, vote_p: float = 0.2) -> list[dict]:
     """Top-k rows (proponents: sign 1, opponents: -1) of the queries ``vectors`` (raw, layer
-    -> (queries, dim)) over ``layers``, combined by ``agg``; see ``InfluenceIndex.query``."""
-    lists, found_in = [], {}
-    prepared = {layer: store.prepare_queries(vectors[layer]) for layer in layers}
-    for layer in layers:
-        for row in nearest(store, layer, prepared[layer], sign, k):
-            lists.append(row)
-            for i in row:  # several queries may retrieve the same example in one layer
-                seen = found_in.setdefault(int(i), [])
-                seen.extend([layer] if layer not in seen else [])
-    candidates = np.array(sorted(found_in), dtype=np.int64)
-    exact = {layer: sign * store.vectors(layer, candidates) @ prepared[layer].T
-             for layer in layers}  # (candidates, queries) per layer
+    -> (queries, dim)) over ``layers``, combined by ``agg``; see ``InfluenceIndex.query``.
+
+    The ranking does not depend on ``k``, which only truncates it: every (layer, query) list
+    is scored exactly against every stored vector; rank averages full ranks, mean full scores,
+    and vote lets each list vote for its top ``vote_p`` fraction (``ceil(vote_p N)``, as the
+    audit does). ``retrieved_in`` names the layers in whose own top k the row is."""
+    from .aggregate import order, vote_depth
+
+    prepared = {layer: store.prepare_queries(vectors[layer]).astype(np.float64) for layer in layers}
+    exact = {layer: sign * (store.vectors(layer).astype(np.float64) @ prepared[layer].T)
+             for layer in layers}  # (N, queries) per layer
+    depth = vote_depth(store.n, vote_p) if agg == "vote" else store.n
+    lists = [order(exact[layer][:, q], higher_first=True)[:depth]
+             for layer in layers for q in range(exact[layer].shape[1])]
     if agg == "mean":
         ids, values = aggregate("mean", scores=np.concatenate([s.T for s in exact.values()]))
-        ids, values = candidates[ids], sign * values  # the mean influence: < 0 for opponents
+        values = sign * values  # the mean influence: < 0 for opponents
     else:
-        p = min(1.0, k / store.n) if agg == "vote" else 0.2
-        ids, values = aggregate(agg, lists=lists, n=store.n, p=p)
-        keep = np.isin(ids, candidates)
-        ids, values = ids[keep], values[keep]
-    position = {int(c): j for j, c in enumerate(candidates)}
-    return [_row(examples[int(i)], int(i), float(value), {layer: float(sign * exact[layer][position[int(i)]].mean())
-                                                          for layer in layers}, found_in[int(i)])
+        ids, values = aggregate(agg, lists=lists, n=store.n, p=vote_p)
+    top_in = {layer: {int(i) for q in range(exact[layer].shape[1])
+                      for i in order(exact[layer][:, q], higher_first=True)[:k]} for layer in layers}
+    return [_row(examples[int(i)], int(i), float(value),
+                 {layer: float(sign * exact[layer][int(i)].mean()) for layer in layers},
+                 [layer for layer in layers if int(i) in top_in[layer]])
             for i, value in zip(ids[:k], values[:k])]
 
 

@@ -38,6 +38,8 @@ def print_query(result: dict, names: list[str]) -> None:
     else:
         correct = sum(x["prediction"]["label"] == x["label"] for x in result["queries"])
         console.print(f"[bold]{len(result['queries'])} queries[/], {correct} predicted as labelled")
+    if result.get("warning"):
+        console.print(f"[yellow]warning[/]: {shown(result['warning'])}")
     if result["k_clamped"]:
         console.print(f"[yellow]note[/]: -k is larger than the index; showing all {result['k']} examples.")
     score = {"vote": "votes", "rank": "mean rank", "mean": "mean score"}[result["agg"]]

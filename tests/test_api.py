@@ -183,28 +183,26 @@ def test_query_mean_signs_equal_brute_force(index, layer):
     assert all(r["score"] > 0 for r in result["proponents"][:1]) and result["opponents"][0]["score"] < 0
 
 
-def reference_lookup(index, layers, query_vectors, sign, k, agg):
-    """Per (layer, query) top-k lists by brute force, then mean rank (missing = k) or votes
-    (weight k - rank); ties to the smaller id."""
+def reference_lookup(index, layers, query_vectors, sign, k, agg, p=0.2):
+    """Per (layer, query) full rankings by brute force, then the mean rank over all of them,
+    or votes of each list's first ceil(p N) (weight p N - rank); ties to the smaller id. The
+    per-layer top-k lists (``retrieved_in``) come back too."""
     n = len(index)
-    lists = []
-    for layer in layers:
-        for row in scores(index, layer, query_vectors[layer]):
-            lists.append(ranked(sign * row, higher_first=True)[:k])
+    full = [ranked(sign * row, higher_first=True) for layer in layers
+            for row in scores(index, layer, query_vectors[layer])]
     if agg == "rank":
         total = np.zeros(n)
-        for ids in lists:
-            r = np.full(n, float(k))
-            r[ids] = np.arange(k)
-            total += r
-        values = total / len(lists)
+        for ids in full:
+            total[ids] += np.arange(n)
+        values = total / len(full)
         order = ranked(values, higher_first=False)
     else:
+        depth = math.ceil(p * n)
         values = np.zeros(n)
-        for ids in lists:
-            values[ids] += k - np.arange(k)
+        for ids in full:
+            values[ids[:depth]] += p * n - np.arange(depth)
         order = ranked(values, higher_first=True)
-    return order[:k], values[order[:k]], lists
+    return order[:k], values[order[:k]], [ids[:k] for ids in full]
 
 
 @pytest.mark.parametrize("agg", ["rank", "vote"])

@@ -65,3 +65,31 @@ def test_depth_past_the_index_is_clamped(tmp_path):
     store = write_store(tmp_path, vectors)
     (ids,) = nearest(store, "layer", store.prepare_queries(np.ones((1, 4))), 1.0, 10)
     assert ids.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("agg", ["vote", "rank", "mean"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_k_only_truncates_the_combined_ranking(tmp_path, agg, sign):
+    """The first 5 rows of -k 40 are the rows of -k 5, for every aggregation."""
+    from lite_influence.lookup import lookup
+
+    vectors, store, queries = setup(tmp_path, "Flat")
+    examples = [{"id": i, "text": f"t{i}", "label": 0} for i in range(len(vectors))]
+    raw = {"layer": queries}
+    few = lookup(store, examples, raw, ["layer"], sign, 5, agg)
+    many = lookup(store, examples, raw, ["layer"], sign, 40, agg)
+    assert [r["id"] for r in few] == [r["id"] for r in many[:5]]
+    assert [r["score"] for r in few] == [r["score"] for r in many[:5]]
+
+
+def test_rank_is_the_brute_force_mean_rank(tmp_path):
+    from lite_influence.lookup import lookup
+
+    vectors, store, queries = setup(tmp_path, "Flat")
+    examples = [{"id": i} for i in range(len(vectors))]
+    rows = lookup(store, examples, {"layer": queries}, ["layer"], 1.0, 60, "rank")
+    ranks = np.zeros(len(vectors))
+    for q in queries:
+        ranks[brute_force(vectors, q, 1.0, len(vectors))] += np.arange(len(vectors))
+    expected = np.lexsort((np.arange(len(vectors)), ranks))
+    assert [r["id"] for r in rows] == expected.tolist()
