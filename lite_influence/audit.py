@@ -165,9 +165,43 @@ def run_audit(index, queries, config, progress) -> AuditResult:
             "random": {**{key(p): ndr.random_ndr_at(n, m, p) for p in levels}, "auc_ndr": ndr.random_auc_ndr(n, m)},
             "perfect": {**{key(p): ndr.perfect_ndr_at(n, m, p) for p in levels}, "auc_ndr": 1.0},
         }
+        for name, (ids, values) in baseline_rankings(index, result).items():
+            result.rankings[(name, "baseline", "all")] = (ids, values)
+            result.baselines[name] = ndr.summarise(ids, noisy, levels)
+        if "training loss" not in result.baselines:
+            result.notes.append("this index holds no training losses (built by an older version): rebuild it "
+                                "for the training-loss baseline")
     else:
         result.notes.append("no noise column in the indexed data: rankings only, no NDR")
     return result
+
+
+def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """What influence must beat, ranked like it (most suspicious first): the training loss at
+    build time (high first; mislabeled examples are the ones a model fits worst), the
+    self-influence of all layers (squared gradient norm, high first; a dot index only, since a
+    cosine index stores unit vectors), and the rank fusion of the headline influence ranking
+    with the loss (mean of the two positions, ties by id): the honest question is whether
+    influence adds anything to the loss."""
+    out = {}
+    losses = index.store.losses()
+    if losses is not None:
+        out["training loss"] = _ranked(losses)
+    if index.store.metric == "dot":
+        squares = sum(np.einsum("ij,ij->i", v, v, dtype=np.float64) for v in (index.store.vectors(l) for l in index.layers))
+        out["self-influence"] = _ranked(squares)
+    if losses is not None and result.table:
+        influence = result.ranking
+        position = np.empty(len(influence))
+        position[influence] = np.arange(len(influence))
+        position[out["training loss"][0]] += np.arange(len(influence))
+        out["influence + loss"] = _ranked(-position)
+    return out
+
+
+def _ranked(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = order(values, higher_first=True)
+    return ids, values[ids]
 
 
 def _layer_sums(index, layer, vectors, subsets, aggs, vote_p):

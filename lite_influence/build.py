@@ -73,6 +73,7 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
     projectors = _projectors(loaded, writer, units, encodings, examples.labels, config, progress, done)
     dims = {name: sum(projectors[u.name].dim for u in members) for name, members in layers.items()}
     matrices = {name: writer.vector_file(name, len(examples), dims[name]) for name in layers}
+    matrices[LOSS] = writer.loss_file(len(examples))
     ordered = [projectors[u.name] for u in units]
     started = time.perf_counter()
     _gradient_pass(loaded, ordered, layers, encodings, examples.labels, batches, done, matrices,
@@ -81,6 +82,9 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
     writer.write_examples(_example_rows(examples))
     return _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, config,
                      identity, time.perf_counter() - started)
+
+
+LOSS = object()  # the key of the per-example loss column among the layers' matrices
 
 
 def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done, matrices,
@@ -100,9 +104,9 @@ def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done,
 
     try:
         for number in range(done, len(batches)):
-            vectors, _, _ = layer_vectors(loaded, projectors, layers, encodings, labels, batches[number])
+            vectors, losses, _ = layer_vectors(loaded, projectors, layers, encodings, labels, batches[number])
             for name, matrix in matrices.items():
-                matrix[batches[number]] = vectors[name]
+                matrix[batches[number]] = losses if name is LOSS else vectors[name]
             completed = number + 1
             if time.perf_counter() - saved_at >= every or completed == len(batches):
                 checkpoint()

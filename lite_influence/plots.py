@@ -62,6 +62,8 @@ def layer_bars(result, path: str | Path, metric: str = "auc_ndr") -> Path:
         values = [next(r[metric] for r in rows if r["scope"] == l and r["agg"] == agg) for l in layers]
         ax.bar(np.arange(len(layers)) + j * width, values, width, label=agg)
     ax.axhline(result.baselines["random"][metric], color="k", ls=":", label="random")
+    if "training loss" in result.baselines:
+        ax.axhline(result.baselines["training loss"][metric], color="tab:red", ls="--", label="training loss")
     ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, layers, rotation=30)
     ax.set_ylabel(metric.upper().replace("_", "-"))
     ax.legend(fontsize=7)

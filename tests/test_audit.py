@@ -70,3 +70,32 @@ def test_correct_only_rows_use_the_queries_predicted_correctly(env):
     if correct.any():
         assert rows["vote-c"]["queries"] == int(correct.sum())
     assert rows["vote"]["queries"] == 3
+
+
+def test_baselines_training_loss_self_influence_and_fusion(bert_dir, env):
+    """The stored training losses equal losses recomputed one example at a time by the model
+    itself, and each baseline row is the NDR of its own ranking."""
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from lite_influence.aggregate import order
+
+    index = env["index"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(bert_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert_dir)
+    with torch.no_grad():
+        expected = [F.cross_entropy(model(**tokenizer(e["text"], return_tensors="pt")).logits,
+                                    torch.tensor([int(e["label"])])).item() for e in index.examples]
+    np.testing.assert_allclose(index.store.losses(), expected, rtol=1e-4, atol=1e-6)
+    result = index.audit(env["queries"], layers="all", aggs="rank")
+    noisy = noise_flags(index.examples, None)
+    by_loss = order(index.store.losses(), higher_first=True)
+    assert result.baselines["training loss"] == ndr.summarise(by_loss, noisy, result.levels)
+    squares = sum((index.vectors(l).astype(np.float64) ** 2).sum(1) for l in index.layers)
+    assert result.baselines["self-influence"] == ndr.summarise(order(squares, higher_first=True), noisy, result.levels)
+    influence = result.rankings[("all", "rank", "all")][0]
+    position = np.argsort(influence) + np.argsort(by_loss)  # each example's two positions
+    fused = np.lexsort((np.arange(len(position)), position))
+    assert result.baselines["influence + loss"] == ndr.summarise(fused, noisy, result.levels)
+    assert set(json.loads(json.dumps(result.to_json()))["baselines"]) >= {"training loss", "self-influence", "influence + loss"}

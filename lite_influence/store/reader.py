@@ -100,6 +100,19 @@ class IndexStore:
     def examples(self) -> list[dict]:
         return read_examples(self.path / "examples.jsonl", self.n)
 
+    def losses(self) -> np.ndarray | None:
+        """Each example's training loss when the index was built (None: built before v0.2)."""
+        file = self.path / "losses.npy"
+        if not file.is_file():
+            return None
+        try:
+            losses = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise UserError(f"{file} is damaged ({exc}); rebuild the index.") from None
+        if losses.shape != (self.n,):
+            raise UserError(f"{file} holds {losses.shape} values for {self.n} examples; rebuild the index.")
+        return np.asarray(losses, np.float64)
+
     def projection_arrays(self) -> dict[str, np.ndarray]:
         return read_projection(self.path / "projection.npz")
 

@@ -42,6 +42,9 @@ from .reader import read_projection
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+LOSSES = "losses.npy"  # per-example training loss, beside examples.jsonl
+
+
 class IndexWriter:
     """Writes a new index beside ``out`` and swaps it into place on ``commit``.
 
@@ -113,6 +116,21 @@ class IndexWriter:
         with self._disk():
             write_json(self.partial / "progress.json", state)
 
+    def loss_file(self, n: int) -> np.memmap:
+        """Each example's training loss at build time (n float32), the audit's loss baseline;
+        filled batch by batch with the vectors and reopened on resume like them."""
+        self._started()
+        file = self.partial / LOSSES
+        if file.is_file():
+            try:
+                losses = np.load(file, mmap_mode="r+", allow_pickle=False)
+                if losses.shape == (n,):
+                    return losses
+            except (ValueError, OSError):
+                pass
+        with self._disk():
+            return np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=(n,))
+
     def vector_file(self, layer: str, n: int, dim: int) -> np.memmap:
         """The layer's (n x dim) float32 matrix on disk, created (with its space reserved, so a
         full disk shows now rather than as a crash mid-build) or reopened for resuming."""
@@ -171,7 +189,7 @@ class IndexWriter:
         stage = self.partial / "index"
         remove(stage)  # a stage a kill left, or the old index a previous swap put there
         (stage / "layers").mkdir(parents=True)
-        for name in ("examples.jsonl", "projection.npz"):
+        for name in ("examples.jsonl", "projection.npz", LOSSES):
             if (self.partial / name).is_file():
                 _link(self.partial / name, stage / name)
         for number, layer in enumerate(manifest["layers"]):
