@@ -53,16 +53,17 @@ Decisions where the design was silent:
   outside its base model that has weights (``classifier``; ``pre_classifier`` too for
   DistilBERT; ``score`` for GPT-2 and Llama), trained fully through ``modules_to_save``.
 - A half-written folder never appears at ``--out``: everything is written to ``.NAME.partial``
-  beside it and renamed into place; an existing ``--out`` (with ``force``) is moved aside
-  only for the rename and restored if the rename fails.
+  beside it and swapped into place with the store's ``swap_folder`` (an atomic exchange where
+  the kernel has one). ``--out`` is checked by the store's guard: ``--force`` replaces only a
+  model folder written by ``train`` (``training.json`` beside ``config.json``), an index or an
+  empty folder, never a file or someone else's folder, and ``--out`` may not be or contain the
+  model, the training file or the eval file.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -77,6 +78,8 @@ from . import __version__
 from .config import TrainConfig
 from .data import flip_labels, label_id, load_examples, write_rows
 from .errors import UserError
+from .store.atomic import remove, swap_folder, write_json
+from .store.guard import check_out, target
 from .models import LoadedModel, collate, encode, load_model
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -120,8 +123,9 @@ def train_model(model: str | Path, train_file: str | Path, out: str | Path,
         config = replace(config, eval_file=str(config.eval_file))  # a Path, from Python: JSON-able
     _check(config)
     progress = progress or (lambda stage, done, total: None)
-    out = Path(out)
-    _check_out(out, force)
+    out = target(Path(out))
+    protect = [model, train_file] + ([config.eval_file] if config.eval_file else [])
+    check_out(out, force, protect, product="the model")
     for name, path in (("training", train_file), ("eval", config.eval_file)):
         if path is not None and not Path(path).exists():
             raise UserError(f"the {name} file '{path}' does not exist; check the path.")
@@ -179,10 +183,11 @@ def train_model(model: str | Path, train_file: str | Path, out: str | Path,
             "chosen_by": "lowest eval loss" if evaluation is not None else "last epoch",
             "seconds": seconds,
         }
-        _write_json(partial / "training.json", report)
+        write_json(partial / "training.json", report)
         progress("save", 3, 3)
-        _check_out(out, force)  # it may have appeared while we trained
-        _swap_into_place(partial, out)
+        check_out(out, force, protect, product="the model")  # it may have appeared while we trained
+        swap_folder(partial, out)
+        remove(partial)  # holds the folder it replaced, if any
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -227,11 +232,6 @@ def _positive_int(name: str, value) -> None:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise UserError(f"--out '{out}' already exists; choose another folder or pass --force to replace it.")
 
 
 def _load_train(path, config: TrainConfig, loaded: LoadedModel):
@@ -493,31 +493,3 @@ def head_modules(model: torch.nn.Module) -> list[str]:
 # ---------------------------------------------------------------- files
 
 
-def _write_json(path: Path, data) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _swap_into_place(partial: Path, out: Path) -> None:
-    """Rename the finished folder to ``out``; anything already there is moved aside first
-    and restored if the rename fails."""
-    old = out.parent / f".{out.name}.old"
-    _remove(old)
-    if out.exists() or out.is_symlink():
-        os.replace(out, old)
-    try:
-        os.replace(partial, out)
-    except BaseException:
-        if old.exists() or old.is_symlink():
-            os.replace(old, out)
-        raise
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

@@ -228,7 +228,7 @@ MORE_CASES = [
     ("train", "eval file with an unseen label", lambda c: (_train(c, c["train"], "--eval-file",
                                                                  write(c["tmp"] / "e.tsv", "sentence\tlabel\ngood\tneutral\n"),
                                                                  out=c["tmp"] / "m"), None), ["'neutral'", "e.tsv"]),
-    ("train", "--out exists", lambda c: (_train(c, c["train"]), None), ["exists", "--force"]),
+    ("train", "--out exists", lambda c: (_train(c, c["train"]), None), ["already holds", "--force"]),
 ]
 
 

@@ -263,9 +263,12 @@ def test_lora_finds_query_value_and_head(arch, targets, heads):
 
 @pytest.fixture()
 def existing_out(tmp_path):
+    """A model folder an earlier `train` wrote (the only kind of folder --force may replace)."""
     out = tmp_path / "existing"
     (out / "sub").mkdir(parents=True)
     (out / "keep.txt").write_text("precious\n")
+    (out / "config.json").write_text("{}")
+    (out / "training.json").write_text("{}")
     (out / "sub" / "model.bin").write_bytes(bytes(range(256)))
     return out
 
@@ -306,7 +309,7 @@ def test_bad_input_is_a_user_error_and_out_is_untouched(case, word_bert, train_t
 
 def test_existing_out_needs_force(word_bert, train_tsv, existing_out):
     before = snapshot(existing_out)
-    with pytest.raises(UserError, match="already exists.*--force"):
+    with pytest.raises(UserError, match="already holds a model folder.*--force"):
         train_model(word_bert, train_tsv, existing_out, epochs=1)
     assert snapshot(existing_out) == before
     result = train_model(word_bert, train_tsv, existing_out, epochs=1, force=True)
@@ -333,3 +336,20 @@ def test_label_names_name_the_new_head(word_bert, rule_data, tmp_path):
     with pytest.raises(UserError, match="2 names but --num-labels is 3"):
         train_model(word_bert, rule_data["train"], tmp_path / "x", label_names="bad,good", num_labels=3)
     assert not (tmp_path / "x").exists()
+
+
+def test_out_never_replaces_what_is_not_ours(word_bert, train_tsv, tmp_path):
+    """A file, a folder of someone else's, the model itself or the data's folder: refused even
+    with --force, and left as they were."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("keep me too")
+    for out, words in ((a_file, "is a file"), (theirs, "not a lite-influence"), (word_bert, "is or contains"),
+                       (train_tsv.parent, "is or contains")):
+        with pytest.raises(UserError) as info:
+            train_model(word_bert, train_tsv, out, epochs=1, force=True)
+        assert words in str(info.value)
+    assert a_file.read_text() == "keep me" and (theirs / "thesis.tex").read_text() == "keep me too"
+    assert (word_bert / "config.json").is_file() and train_tsv.is_file()

@@ -41,17 +41,18 @@ def kind(folder: Path) -> str:
     return "other" if any(folder.iterdir()) else "empty"
 
 
-def check_out(out: Path, force: bool, protect=()) -> None:
-    """Refuse (UserError) an ``--out`` this build must not write or replace."""
+def check_out(out: Path, force: bool, protect=(), product: str = "the index") -> None:
+    """Refuse (UserError) an ``--out`` this build (or ``train``: ``product`` "the model")
+    must not write or replace."""
     where = real(out)
     for path in protect:
         guarded = real(path)
         if where == guarded or where in guarded.parents:
-            raise UserError(f"--out '{out}' is or contains '{path}', which the build reads; "
-                            "choose another folder for the index.")
+            raise UserError(f"--out '{out}' is or contains '{path}', which is read to make it; "
+                            f"choose another folder for {product}.")
     found = kind(out)
     if found == "file":
-        raise UserError(f"--out '{out}' is a file, not a folder; choose a folder for the index.")
+        raise UserError(f"--out '{out}' is a file, not a folder; choose a folder for {product}.")
     if found == "other":
         raise UserError(f"--out '{out}' exists and is not a lite-influence index; choose another "
                         "folder (--force replaces only an index, a model folder written by `train` "
