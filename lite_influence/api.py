@@ -149,6 +149,31 @@ class InfluenceIndex:
             result[side] = lookup(self.store, self.examples, grads.vectors, layers, sign, k, config.agg, config.vote_p)
         return result
 
+    def query_ids(self, ids: list[int], config: QueryConfig | None = None, **options) -> dict:
+        """Proponents and opponents of training examples, from their stored vectors: no model
+        is loaded, so it answers at once. Each example's own vector is its query (with cosine it
+        heads its own proponents); the rows are those of ``query``, aggregated over the ids."""
+        from .lookup import lookup
+
+        config = replace(config or QueryConfig(), **options).validate()
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < len(self)]
+        if not ids or bad:
+            raise UserError(f"--id must name training examples 0..{len(self) - 1}; got {bad or 'none'}.")
+        layers = self.resolve_layers(config.layers)
+        k = min(config.k, len(self))
+        vectors = {layer: self.vectors(layer, ids) for layer in layers}
+        losses = self.store.losses()
+        queries = [{"id": i, "text": self.examples[i].get("text"), "pair": self.examples[i].get("pair"),
+                    "label": self.examples[i].get("label"), "prediction": None,
+                    "loss": None if losses is None else float(losses[i])} for i in ids]
+        result = {"query": queries[0], "queries": queries, "prediction": None, "agg": config.agg,
+                  "metric": self.store.metric, "layers": layers, "k": k, "k_clamped": config.k > len(self),
+                  "warning": None}
+        for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
+            result[side] = lookup(self.store, self.examples, vectors, layers, sign, k, config.agg, config.vote_p)
+        return result
+
     def audit(self, queries: str | Path, config: AuditConfig | None = None,
               progress: Progress | None = None, **options):
         """Rank every training example from most to least detrimental to the queries, per

@@ -197,6 +197,7 @@ def query(
     pair: Optional[str] = typer.Option(None, "--pair", help="Second text of a pair, if the model takes pairs."),
     label: Optional[str] = typer.Option(None, "--label", "-l", help="Label to explain (id or name); default: the model's prediction."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl); their lists are aggregated together."),
+    ids: Optional[list[int]] = typer.Option(None, "--id", help="Explain training example N from its stored vectors (no model is loaded); repeat for several."),
     config: QueryConfig = None,
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
@@ -205,8 +206,11 @@ def query(
     """Which training examples pushed the model to this answer (proponents), and which fought it (opponents)."""
     from .api import InfluenceIndex
 
-    if (text is None) == (file is None):
-        raise UserError("pass either --text \"...\" or --file QUERIES.")
+    if sum(x is not None for x in (text, file, ids or None)) != 1:
+        raise UserError("pass one of --text \"...\", --file QUERIES or --id N.")
+    if ids:
+        index = InfluenceIndex.open(index_dir)
+        return _show(index.query_ids(ids, config), index, as_json)
     result = None if (local or file is not None or model is not None) else _ask_server(
         index_dir, text=text, pair=pair, label=label, completion=completion, config=config)
     index = InfluenceIndex.open(index_dir, model=model)
@@ -219,6 +223,10 @@ def query(
                              completion=examples.completions)
     else:
         result = index.query(text, pair, label, config, completion=completion)
+    _show(result, index, as_json)
+
+
+def _show(result: dict, index, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return

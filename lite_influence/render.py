@@ -22,7 +22,11 @@ def print_query(result: dict, names: list[str]) -> None:
     q = result["query"]
     pred = q["prediction"]
     lm = "completion_source" in q  # a completion is explained, not a label
-    if lm and len(result["queries"]) == 1:
+    if "id" in q:  # training examples explained from their stored vectors
+        shown_ids = ", ".join(f"#{x['id']}" for x in result["queries"])
+        console.print(f"[bold]training example {shown_ids}[/]: {shown(q['text'])}"
+                      + (f" [dim](label {shown(q['label'])})[/]" if q.get("label") is not None else ""))
+    elif lm and len(result["queries"]) == 1:
         console.print(f"[bold]prompt[/]: {shown(q['text'])}")
         console.print(f"[bold]completion[/] ({q['completion_source']}, {q['completion_tokens']} tokens): "
                       f"{shown(q['completion'])}")

@@ -244,11 +244,12 @@ def get_example(served: Served, name: str, id_text: str) -> dict:
 
 
 def query_by_id(served: Served, body) -> dict:
-    """Hook: explain training example ``id`` from its stored vectors, no model. The request
-    is validated now; the lookup itself is being written elsewhere (issue 13 item 3)."""
+    """Explain training example ``id`` from its stored vectors (``InfluenceIndex.query_ids``):
+    no model runs, so it needs no lock."""
     body = check_fields(body, BY_ID_FIELDS, ("index", "id"))
     get_example(served, body["index"], str(body["id"]))
-    raise RequestError(501, "query by id is not available in this version yet; query the example's text instead.")
+    options = {key: body[key] for key in ("k", "layers", "agg") if key in body}
+    return served.get(body["index"]).query_ids([body["id"]], **options)
 
 
 def _answer(data, status: int = 200):

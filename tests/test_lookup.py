@@ -93,3 +93,30 @@ def test_rank_is_the_brute_force_mean_rank(tmp_path):
         ranks[brute_force(vectors, q, 1.0, len(vectors))] += np.arange(len(vectors))
     expected = np.lexsort((np.arange(len(vectors)), ranks))
     assert [r["id"] for r in rows] == expected.tolist()
+
+
+def test_query_by_id_loads_no_model_and_equals_brute_force(bert_dir, train_tsv, tmp_path):
+    """`query --id` ranks by the stored vectors of the example itself, in a process that
+    never imports torch."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lite_influence import build_index
+
+    index = build_index(bert_dir, train_tsv, tmp_path / "idx", projection="random", proj_dim=2, metric="dot")
+    code = ("import sys; from lite_influence.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+            "    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code, "query", str(index.path), "--id", "3", "-k", "4",
+                          "--layers", "block1", "--agg", "mean", "--json"],
+                         capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(root), "PATH": ""})
+    assert out.returncode == 0 and "NO-TORCH" in out.stderr, out.stderr
+    result = json.loads(out.stdout)
+    vectors = index.vectors("block1").astype(np.float64)
+    expected = np.lexsort((np.arange(len(vectors)), -(vectors @ vectors[3])))[:4]
+    assert [r["id"] for r in result["proponents"]] == expected.tolist()
+    assert result["query"]["id"] == 3
+    with pytest.raises(Exception, match="0..11"):
+        index.query_ids([12])

@@ -138,9 +138,10 @@ def test_served_names_are_unique_folder_names(tmp_path):
     assert "nothing to serve" in user_error(lambda: Served([]))
 
 
-def test_query_by_id_is_a_501_hook(client):
-    assert "query by id is not available" in assert_one_line_error(
-        client.post("/api/query_by_id", json={"index": "tiny", "id": 3}), 501)
+def test_query_by_id_equals_the_python_api(client, reference):
+    answer = client.post("/api/query_by_id", json={"index": "tiny", "id": 3, "k": 4, "agg": "rank"})
+    assert answer.status_code == 200
+    assert answer.json() == json.loads(json.dumps(reference.query_ids([3], k=4, agg="rank")))
     assert "no example 99" in assert_one_line_error(client.post("/api/query_by_id", json={"index": "tiny", "id": 99}), 404)
     assert "no served index" in assert_one_line_error(client.post("/api/query_by_id", json={"index": "..", "id": 1}), 404)
 

@@ -98,7 +98,10 @@ function table(node, rows, result, info) {
 function showPrediction(result, info) {
   const q = result.query;
   const box = $("prediction");
-  if (q.prediction) {
+  if (q.id !== undefined) {
+    box.replaceChildren(`training example #${q.id} (label ${labelName(info, q.label)}), from its stored vectors: `,
+      el("q", {}, q.text));
+  } else if (q.prediction) {
     box.replaceChildren("prediction: ", el("span", {class: "label"}, q.prediction.label_name),
       ` (p = ${q.prediction.probability.toFixed(3)}) · explaining label `, el("span", {class: "label"}, q.label_name),
       ` · loss ${q.loss.toFixed(3)}`);
@@ -147,9 +150,13 @@ async function showExample(info, id) {
 }
 
 async function explainExample(info, id) {
-  // Query by id: the server answers 501 until explaining stored vectors lands.
+  // Query by id: the example's own stored vectors are the query; no model runs.
   try {
-    await api("/api/query_by_id", {index: info.name, id, k: Number($("k").value), layers: $("layers").value, agg: $("agg").value});
+    const result = await api("/api/query_by_id", {index: info.name, id, k: Number($("k").value), layers: $("layers").value, agg: $("agg").value});
+    showError($("example-error"), null);
+    showPrediction(result, info);
+    table($("proponents"), result.proponents, result, info);
+    table($("opponents"), result.opponents, result, info);
   } catch (error) {
     showError($("example-error"), error);
   }
