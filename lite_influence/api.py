@@ -135,6 +135,7 @@ class InfluenceIndex:
         pairs = [pair] if isinstance(pair, str) else pair
         labels = label if isinstance(label, list) else [label] * len(texts)
         completions = completion if isinstance(completion, list) else [completion] * len(texts)
+        _check_texts(texts, pairs, self.manifest["build"])
         layers = self.resolve_layers(config.layers)
         k = min(config.k, len(self))
         grads = self.gradients(texts, pairs, labels, config.batch_size, completions=completions,
@@ -183,3 +184,14 @@ class InfluenceIndex:
 
         config = replace(config or AuditConfig(), **options).validate()
         return run_audit(self, queries, config, progress or (lambda stage, done, total: None))
+
+
+def _check_texts(texts: list, pairs, build: dict) -> None:
+    """What the build refused, the query refuses too: a blank text has no gradient worth
+    explaining, and a pair given to a single-text index would be silently ignored."""
+    for number, text in enumerate(texts, start=1):
+        if not isinstance(text, str) or not text.strip():
+            where = "the query text" if len(texts) == 1 else f"query {number}'s text"
+            raise UserError(f"{where} is blank; give a text to explain (build refuses blank texts too).")
+    if pairs is not None and any(p is not None for p in pairs) and build.get("pair_col") is None:
+        raise UserError("this index was built on single texts (no --pair-col): drop --pair, or rebuild with --pair-col.")

@@ -102,8 +102,10 @@ class BuildConfig(ModelOptions, Columns):
         if self.metric not in METRICS:
             raise UserError(f"unknown metric '{self.metric}'; use one of {', '.join(METRICS)}")
         _at_least(self, ("proj_dim", "batch_size", "max_length", "fit_examples"), 1)
-        _at_least(self, ("exact_max",), 0)
-        _at_least(self, ("limit",), 1, optional=True)
+        _at_least(self, ("exact_max", "seed"), 0)
+        _at_least(self, ("limit", "num_labels"), 1, optional=True)
+        if self.num_labels == 1:
+            raise UserError("--num-labels must be at least 2: a classifier with one class learns nothing.")
         check_factory(self.index_factory)
         return self
 
@@ -129,6 +131,7 @@ class QueryConfig(Options):
             raise UserError(f"-k must be at least 1, got {self.k}")
         if not 0 < self.vote_p <= 1:
             raise UserError(f"--vote-p must be a fraction in (0, 1], got {self.vote_p}")
+        _at_least(self, ("batch_size", "max_new_tokens"), 1)
         return self
 
 

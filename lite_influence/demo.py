@@ -96,6 +96,8 @@ def run_demo(folder: str | Path, *, n_train: int = 400, noise: float = 0.2, epoc
     from .train import train_model
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"demo --out '{folder}' is a file, not a folder; choose a folder for the demo's output.")
     if folder.exists() and any(folder.iterdir()) and not force:
         raise UserError(f"demo folder '{folder}' exists and is not empty; pass --force or another --out.")
     progress = progress or (lambda stage, done, total: None)

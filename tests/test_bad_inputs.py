@@ -409,3 +409,36 @@ def test_user_files_are_read_with_safe_loaders_only():
         assert not re.search(r"\bpickle\b|allow_pickle=True|torch\.load\(", source), path
         for call in re.findall(r"np\.load\([^)]*\)", source):
             assert "allow_pickle=False" in call, (path, call)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--num-labels", "0"], "--num-labels must be at least 1"),
+    (["--num-labels", "1"], "at least 2"),
+])
+def test_build_options_that_would_change_the_result_are_refused(capsys, bert_dir, train_tsv, tmp_path, args, words):
+    from conftest import run_cli
+
+    code, out, err = run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "idx", *args)
+    assert code == 1 and words in err and "\n" not in err.strip()
+    assert not (tmp_path / "idx").exists()
+
+
+def test_query_refuses_blank_text_a_pair_on_a_single_text_index_and_zero_batch(capsys, bert_dir, train_tsv, tmp_path):
+    from conftest import run_cli
+    from lite_influence import build_index
+
+    index = build_index(bert_dir, train_tsv, tmp_path / "idx", projection="random", proj_dim=2)
+    for args, words in ((["--text", "   "], "blank"), (["--text", "good", "--pair", "bad"], "single texts"),
+                        (["--text", "good", "--batch-size", "0"], "--batch-size must be at least 1")):
+        code, out, err = run_cli(capsys, "query", index.path, *args)
+        assert code == 1 and words in err, (args, err)
+
+
+def test_demo_out_file_is_one_line(capsys, tmp_path):
+    from conftest import run_cli
+
+    target = tmp_path / "a.txt"
+    target.write_text("keep")
+    code, out, err = run_cli(capsys, "demo", "--out", target)
+    assert code == 1 and "is a file" in err and target.read_text() == "keep"
