@@ -235,7 +235,7 @@ def _show(result: dict, index, as_json: bool) -> None:
 
 def _ask_server(index_dir: Path, *, text, pair, label, completion, config: QueryConfig) -> dict | None:
     """A running server's answer (the model stays warm there: no torch import here), or None."""
-    from .serve import remote_query
+    from .client import remote_query
 
     request = {"text": text, "pair": pair, "label": label, "completion": completion,
                "k": config.k, "layers": config.layers, "agg": config.agg}

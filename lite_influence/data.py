@@ -40,9 +40,7 @@ import csv
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -579,25 +577,21 @@ def _hash_bytes(h, p: Path) -> None:
 
 
 def write_rows(path, rows: Iterable[dict], columns: Sequence[str]) -> Path:
-    """Atomic (temp file in the same folder, fsync, rename) so a crash or a concurrent reader
+    """Atomic (the store's write_file: temp file, fsync, rename) so a crash or a concurrent reader
     never sees half a file. CSV/TSV hold strings only: values come back as str, None as ""."""
     p = Path(path)
     ext = p.suffix.lower()
     if ext not in _WRITE_FORMATS:
         raise UserError(f"cannot write {path}: unsupported extension {ext or '(none)'!r}; use .csv, .tsv or .jsonl.")
+    from .store.atomic import write_file
+
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             _write_body(f, ext, rows, list(columns))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(p.parent)
-    return p
+
+    return write_file(p, fill)
 
 
 def _write_body(f, ext: str, rows: Iterable[dict], columns: list[str]) -> None:
@@ -630,17 +624,3 @@ def _json_default(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"cannot write a {type(value).__name__} value as JSON")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes the rename itself durable on POSIX; not possible (nor needed) on Windows."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -70,7 +70,7 @@ def assert_one_line_error(response, status):
     {"text": QUERY},
     {"text": QUERY, "k": 3, "layers": "middle", "agg": "rank"},
     {"text": QUERY, "k": 4, "layers": "block0,head", "agg": "mean", "label": "negative"},
-    {"text": "a dull plot", "pair": "the actor was great", "label": 1, "k": 2, "agg": "vote"},
+    {"text": "a dull plot", "label": 1, "k": 2, "agg": "vote"},
 ])
 def test_query_equals_the_python_api(client, reference, request_):
     response = client.post("/api/query", json={"index": "tiny", **request_})
