@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -37,12 +38,15 @@ from lite_influence.gradients import fit_covariances, layer_vectors, length_batc
 from lite_influence.layers import assign_layers, discover_units, select_units
 from lite_influence.models import encode, load_model
 from lite_influence.config import BuildConfig
-from lite_influence.projection import pca_fits, pca_projector, random_projector, unit_k
+from lite_influence.projection import hybrid_projector, pca_fits, pca_projector, random_projector, unit_k
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/sketches.py, when imported by path
+import sketches  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # shared/ beside the checkout
 RESULTS = Path(__file__).resolve().parent / "results"
 KS = (4, 8, 16, 32)
-PROJECTIONS = ("random", "pca")
+PROJECTIONS = ("random", "pca", "hybrid")
 
 
 def model_path() -> str:
@@ -198,6 +202,60 @@ def markdown(results: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+def make_projectors(projection, units, k, args, covariances, share=None, scale=None):
+    """One projector per unit; ``share``, ``scale``: hybrid's eigen share of every fitted
+    side and complement weight (default: the library's)."""
+    out = []
+    for u in units:
+        ku = unit_k(u, k, args.exact_max)
+        if projection == "random":
+            out.append(random_projector(u, ku, args.seed))
+        elif projection == "pca":
+            out.append(pca_projector(u, ku, args.seed, covariances[u.name]))
+        else:
+            kept = None if share is None else {s: min(ku - 1, round(share * ku)) for s in ("in", "out")}
+            out.append(hybrid_projector(u, ku, args.seed, covariances[u.name], kept, scale))
+    return out
+
+
+def tokens_exact_gram(spec_side, embedding_rows, vocab: int) -> np.ndarray:
+    """The embeddings' influence with the exact token side and a projected hidden side: each
+    example keeps, per distinct token, R_out^T (its gradient row), and two examples meet only in
+    the rows of their shared tokens (the exact token-equality identity)."""
+    r_out = None if spec_side.matrix is None else spec_side.matrix.double().numpy()
+    projected = [(ids, rows if r_out is None else rows @ r_out) for ids, rows in embedding_rows]
+    return embedding_gram(projected, vocab, projected[0][1].shape[1])
+
+
+def candidate_sweep(loaded, units, layers, encodings, labels, exact, covariances, embedding_rows, args) -> dict:
+    """Spearman (dot, cosine) and dims per layer of every candidate of benchmarks/sketches.py."""
+    out = {}
+    for spec in args.specs:
+        by_unit = sketches.candidate(spec, units, args.seed, covariances, args.exact_max)
+        if any(isinstance(p, sketches.TokensExact) for p in by_unit.values()):
+            (name, members), = [(n, ms) for n, ms in layers.items() if any(u.name in by_unit for u in ms)]
+            grams = {name: tokens_exact_gram(by_unit[members[0].name].out, embedding_rows, members[0].in_dim)}
+            dims = {name: f"{np.mean([len(i) for i, _ in embedding_rows]):.1f}x{by_unit[members[0].name].out.k}"}
+        else:
+            vectors = projected_vectors(loaded, [by_unit[u.name] for u in units], layers, encodings, labels, args.batch_size)
+            grams = {name: gram(v) for name, v in vectors.items()}
+            dims = {name: int(v.shape[1]) for name, v in vectors.items()}
+        out[spec] = {"dims": dims, **{m: {name: spearman_pairs(exact[name], g, m == "cosine") for name, g in grams.items()}
+                                      for m in ("dot", "cosine")}}
+        print(f"{spec}: " + " ".join(f"{n}={v:.3f}" for n, v in out[spec]["dot"].items()), flush=True)
+    return out
+
+
+def candidate_markdown(sweep: dict, layers: list[str]) -> str:
+    lines = ["| candidate | dims block0/emb | " + " | ".join(layers) + " | min block |", "|" + "---|" * (3 + len(layers))]
+    for spec, r in sweep.items():
+        blocks = [r["dot"][n] for n in layers if n.startswith("block") and n in r["dot"]]
+        worst = f"{min(blocks):.3f} / {min(r['cosine'][n] for n in layers if n.startswith('block') and n in r['cosine']):.3f}" if blocks else "-"
+        lines.append(f"| {spec} | {r['dims'].get('block0', '-')}/{r['dims'].get('embeddings', '-')} | " + " | ".join(
+            f"{r['dot'][n]:.3f} / {r['cosine'][n]:.3f}" if n in r["dot"] else "-" for n in layers) + f" | {worst} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=256, help="evaluation examples (dev.tsv rows)")
@@ -209,16 +267,26 @@ def main() -> None:
     parser.add_argument("--exact-max", type=int, default=BuildConfig.exact_max,
                         help="small matrices stored whole, as build does (0: project everything)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with SST-2's train.tsv and dev.tsv")
+    parser.add_argument("--specs", default=";".join(sketches.default_specs()),
+                        help="candidate projections (benchmarks/sketches.py), ';'-separated; '' for none")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the candidates of the fidelity.json in --out that this run does not score")
+    parser.add_argument("--projections", default=",".join(PROJECTIONS),
+                        help="the size table's projections to score; with --merge the others keep their old rows")
+    parser.add_argument("--candidates-only", action="store_true",
+                        help="with --merge: skip the random/pca/hybrid size table and keep the old one")
     args = parser.parse_args()
+    args.specs = [s.strip() for s in args.specs.split(";") if s.strip()]
     started = time.perf_counter()
     timings = {}
 
     loaded = load_model(model_path(), seed=args.seed)
     units = select_units(discover_units(loaded.model), args.selector)
     layers = assign_layers(units, "layer")
-    evaluation = load_examples(DATA / "dev.tsv", label2id=loaded.label2id, limit=args.n)
+    evaluation = load_examples(args.data / "dev.tsv", label2id=loaded.label2id, limit=args.n)
     held = set(evaluation.texts)
-    train = load_examples(DATA / "train.tsv", label2id=loaded.label2id, limit=args.fit_n + 2 * args.n)
+    train = load_examples(args.data / "train.tsv", label2id=loaded.label2id, limit=args.fit_n + 2 * args.n)
     fit = [(t, l) for t, l in zip(train.texts, train.labels) if t not in held][: args.fit_n]
 
     t = time.perf_counter()
@@ -238,11 +306,9 @@ def main() -> None:
     encodings = encode(loaded, evaluation.texts, None, args.max_length)
     spearman = {m: {p: {} for p in PROJECTIONS} for m in ("dot", "cosine")}
     dims, hook_errors = {}, {}
-    for projection in PROJECTIONS:
+    for projection in () if args.candidates_only else args.projections.split(","):
         for k in KS:
-            projectors = [random_projector(u, unit_k(u, k, args.exact_max), args.seed) if projection == "random"
-                          else pca_projector(u, unit_k(u, k, args.exact_max), args.seed, covariances[u.name])
-                          for u in units]
+            projectors = make_projectors(projection, units, k, args, covariances)
             vectors = projected_vectors(loaded, projectors, layers, encodings, evaluation.labels, args.batch_size)
             dims[str(k)] = {name: int(v.shape[1]) for name, v in vectors.items()}
             if k == 8:
@@ -252,6 +318,7 @@ def main() -> None:
                     name: spearman_pairs(exact[name], gram(v), metric == "cosine") for name, v in vectors.items()}
             print(f"{projection} k={k}: " + " ".join(
                 f"{n}={s:.3f}" for n, s in spearman["dot"][projection][str(k)].items()), flush=True)
+    candidates = candidate_sweep(loaded, units, layers, encodings, evaluation.labels, exact, covariances, embedding_rows, args)
     timings["projected_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 
@@ -260,14 +327,30 @@ def main() -> None:
                   "fit_n": len(fit), "eval_data": "dev.tsv (first rows)", "fit_data": "train.tsv (first rows not in eval)",
                   "selector": args.selector, "granularity": "layer", "exact_max": args.exact_max, "max_length": args.max_length,
                   "seed": args.seed, "torch_threads": torch.get_num_threads()},
-        "layers": list(layers), "dims": dims, "spearman": spearman,
+        "layers": list(layers), "dims": dims, "spearman": spearman, "candidates": candidates,
         "hook_check_max_rel_error_k8": hook_errors,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
+    if args.merge and (args.out / "fidelity.json").exists():
+        old = json.loads((args.out / "fidelity.json").read_text())
+        results["candidates"] = {**old.get("candidates", {}), **candidates}
+        for metric in ("dot", "cosine"):
+            for projection in PROJECTIONS:
+                if not spearman[metric][projection]:
+                    spearman[metric][projection] = old["spearman"][metric][projection]
+                    hook_errors.setdefault(projection, old["hook_check_max_rel_error_k8"].get(projection, {}))
+        if args.candidates_only:
+            old["candidates"] = results["candidates"]
+            old["timings_s"]["merged_candidates_s"] = round(timings["total_s"], 1)
+            results, timings = old, {**old["timings_s"]}
+            hook_errors = results["hook_check_max_rel_error_k8"]
     text = (f"# Fidelity: projected vs exact pairwise influence (MiniLM, {args.n} SST-2 dev examples, "
             f"{results['setup']['pairs']} pairs; pca fitted on {len(fit)} train examples)\n\n"
             f"## Spearman, dot (raw inner products)\n\n{markdown(results, 'dot')}\n\n"
             f"## Spearman, cosine (normalised inner products)\n\n{markdown(results, 'cosine')}\n\n"
+            f"## Candidates (benchmarks/sketches.py): Spearman dot / cosine; `IN x OUT k=K` = the scheme of each side, "
+            f"K dims per side; tokens-exact dims: mean distinct tokens x K\n\n"
+            f"{candidate_markdown(candidates, list(layers))}\n\n"
             f"Hook check (stored vector vs R_out^T G_exact R_in, max relative error over 8 examples, k=8): "
             + json.dumps({p: {n: f"{e:.1e}" for n, e in errs.items()} for p, errs in hook_errors.items()})
             + f"\n\nWall time: {timings['total_s']:.0f} s (exact {timings['exact_s']:.0f} s of which float64 Grams {timings['exact_s'] - timings['exact_grads_s']:.0f} s, pca fit "
@@ -275,8 +358,10 @@ def main() -> None:
             f"{torch.get_num_threads()} torch threads.\n")
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fidelity.json").write_text(json.dumps(results, indent=2))
-    (args.out / "fidelity.md").write_text(text)
+    for name, content in (("fidelity.json", json.dumps(results, indent=2)), ("fidelity.md", text)):
+        tmp = args.out / (name + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(args.out / name)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ with them), and a resumed build must match the whole record (``IndexWriter.resum
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +20,6 @@ import numpy as np
 from . import __version__
 from .config import BuildConfig
 from .data import fingerprint_file
-from .errors import UserError
 from .store import FORMAT_VERSION, IndexStore, IndexWriter
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -119,7 +117,7 @@ def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done,
 
 def _projectors(loaded, writer, units, encodings, labels, config, progress, done) -> dict:
     from .gradients import fit_covariances, length_batches
-    from .projection import from_arrays, pca_fits, pca_projector, random_projector, to_arrays, unit_k
+    from .projection import fitted_projector, from_arrays, pca_fits, random_projector, to_arrays, unit_k
 
     if config.projection == "random":
         return {u.name: random_projector(u, unit_k(u, config.proj_dim, config.exact_max), config.seed)
@@ -138,8 +136,7 @@ def _projectors(loaded, writer, units, encodings, labels, config, progress, done
         progress("fit", fitted_count[0], len(sample))
 
     covariances = fit_covariances(loaded, units, encodings, labels, batches, pca_fits, on_batch)
-    projectors = [pca_projector(u, unit_k(u, config.proj_dim, config.exact_max), config.seed,
-                                covariances[u.name]) for u in units]
+    projectors = [fitted_projector(config.projection, u, unit_k(u, config.proj_dim, config.exact_max), config.seed, covariances[u.name]) for u in units]
     writer.write_projection(to_arrays(projectors))
     return {p.unit.name: p for p in projectors}
 

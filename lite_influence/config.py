@@ -81,7 +81,7 @@ class BuildConfig(ModelOptions, Columns):
 
     layers: str = option("attention", "Which units to index: attention (embeddings, attention linears, head), mlp, all, a group (early, middle, late, embeddings, head), a layer (block3) or a regex over module names; comma-separated.")
     granularity: str = option("layer", "One index per transformer block ('layer') or per weight matrix ('unit').")
-    projection: str = option("pca", "pca: fitted Kronecker eigenbasis (keeps far more per dim); random: seeded Gaussian (needs no fitting pass).")
+    projection: str = option("pca", "pca: fitted Kronecker eigenbasis (best average fidelity); hybrid: input side half eigenbasis, half an unbiased sketch of the rest, rare tokens sketched (finds more planted causes, lower fidelity: README, Projection); random: seeded Gaussian (needs no fitting pass).")
     proj_dim: int = option(8, "Dims kept per side of each weight matrix; a unit stores proj_dim^2 numbers (a BERT block of 4 attention matrices: 4 x 64 = 256).")
     exact_max: int = option(1024, "A weight matrix with one side no wider than --proj-dim and at most this many numbers is stored exactly, not projected (a 2-class head of a 384-wide model: 770 numbers); 0 projects everything.")
     fit_examples: int = option(256, "Training examples used to fit the pca eigenbasis (one extra forward/backward pass over them).")

@@ -1,8 +1,8 @@
 """Kronecker projections: a unit's gradient G (out x in) becomes R_out^T G R_in (k_out x k_in).
 
 Because G = sum_t delta_t x_t^T, the projection is sum_t (R_out^T delta_t)(R_in^T x_t)^T, so
-it is computed from the two sides separately and the full gradient is never formed. Two ways to
-choose R (DESIGN.md):
+it is computed from the two sides separately and the full gradient is never formed. Three ways
+to choose R (DESIGN.md):
 
 * ``random``: Gaussian entries with variance 1/k on each side, so E<phi(a), phi(b)> equals
   <G(a), G(b)>. Generated on the CPU from (seed, unit name, side): any machine regenerates the
@@ -11,6 +11,23 @@ choose R (DESIGN.md):
   covariance sum delta delta^T (the K-FAC eigenbasis), fitted on a sample of the training set.
   They keep the directions where gradients live, so far more of the inner product survives at
   the same size. Stored in the index with their eigenvalues.
+* ``hybrid`` (the default): the eigenbasis's top directions plus a random sketch of what they
+  leave out, so a rare cause (a backdoor token, a feature few examples share) keeps a share of
+  the inner product instead of none (DESIGN.md, "What a sketch must keep"). A dense side is
+  ``[U_top, c (I - U U^T) G / sqrt(k2)]`` with G seeded Gaussian (dim x k2): with c = 1, R R^T
+  has the expectation ``U U^T + (I - U U^T) = I``, so the kept part is exact and the complement
+  unbiased. How many columns go to the eigenbasis and the weight c are set per side
+  (``HYBRID_KEPT``, ``HYBRID_SCALE``), from benchmarks/fidelity.py and
+  benchmarks/planted_backdoor.py (results/projection_candidates.md): the input side is half
+  eigenbasis, half an unbiased (c = 1) sketch of the complement, because a rare cause (the
+  trigger token's activations) lives off the input's usual directions; the output-gradient
+  side is the eigenbasis alone, because gradients of a few-class loss live in few directions
+  and random columns there cost fidelity for every pair (measured: random output sides lose
+  up to 0.25 Spearman on the blocks, random input sides keep the planted share). The embeddings' token side
+  keeps the most frequent tokens exactly and count-sketches every other token into the
+  remaining columns (column h(v), sign s(v), both seeded): a rare token's row is never
+  dropped. The matrices are stored in projection.npz like pca's, so the store and hooks are
+  unchanged, and an index keeps the matrices it was built with when these defaults change.
 
 A side whose dimension is not larger than k is kept exactly (identity): a 2-class head's
 output side costs 2 dims and loses nothing. The embeddings' input side (one-hot tokens) has a
@@ -41,7 +58,19 @@ import torch
 from .errors import UserError
 from .layers import MAX_COVARIANCE_DIM, Unit
 
-PROJECTIONS = ("random", "pca")
+PROJECTIONS = ("random", "pca", "hybrid")
+FITTED = ("pca", "hybrid")  # projections fitted in a pass over the data and stored in the index
+
+# Share of a side's k columns that hybrid gives to the eigenbasis; the rest sketch the
+# complement. Chosen from benchmarks/fidelity.py and benchmarks/planted_backdoor.py (README).
+# Keyed by side: "in" (a dense unit's input activations), "out" (its output gradients),
+# "tokens" (the embeddings' vocabulary side). A share of 1 keeps that side a pure eigenbasis.
+HYBRID_KEPT = {"in": 0.5, "out": 1.0, "tokens": 0.5}
+# Weight c of the complement sketch's columns: E[R R^T] = U U^T + c^2 (I - U U^T). c = 1 is
+# unbiased; c < 1 trades the sketch's variance for a bias towards the eigenbasis (better
+# average fidelity, fewer planted causes found: c = 0.5 on both sides was the default until
+# the measurements in results/projection_candidates.md).
+HYBRID_SCALE = {"in": 1.0, "out": 1.0, "tokens": 0.5}
 
 
 @dataclass
@@ -127,6 +156,59 @@ def eigen_side(covariance: torch.Tensor, k: int) -> Side:
     return Side((vectors * signs).float().contiguous(), dim, values.clamp_min(0).float())
 
 
+def _rare_tokens_sketch(counts: torch.Tensor, k: int, kept: int, seed: int, name: str,
+                        scale: float = 1.0) -> Side:
+    """Top ``kept`` tokens one-hot in the first columns; every other token v adds s(v) in
+    column ``kept + h(v)`` (a count sketch: its rows have norm 1 and distinct rows are
+    uncorrelated in expectation, so inner products stay unbiased)."""
+    dim = counts.shape[0]
+    top = eigen_side(counts, kept) if kept else Side(torch.zeros(dim, 0), dim, torch.zeros(0))
+    generator = torch.Generator(device="cpu").manual_seed(_seed_for(seed, name, "in/sketch"))
+    buckets = torch.randint(0, k - kept, (dim,), generator=generator)
+    signs = torch.randint(0, 2, (dim,), generator=generator).float() * 2 - 1
+    sketch = torch.zeros(dim, k - kept)
+    sketch[torch.arange(dim), buckets] = signs * scale
+    sketch[top.matrix.sum(1) > 0] = 0  # the kept tokens are exact, not sketched as well
+    return Side(torch.cat([top.matrix, sketch], 1).contiguous(), dim, top.eigenvalues)
+
+
+def _complement_sketch(covariance: torch.Tensor, k: int, kept: int, seed: int, name: str,
+                       side: str, scale: float = 1.0) -> Side:
+    """``[U_top, c (I - U U^T) G / sqrt(k - kept)]`` (module docstring)."""
+    dim = covariance.shape[0]
+    top = eigen_side(covariance, kept) if kept else Side(torch.zeros(dim, 0), dim, torch.zeros(0))
+    generator = torch.Generator(device="cpu").manual_seed(_seed_for(seed, name, f"{side}/sketch"))
+    g = torch.randn(dim, k - kept, generator=generator, dtype=torch.float64)
+    u = top.matrix.double()
+    complement = (g - u @ (u.T @ g)) * (scale / (k - kept) ** 0.5)
+    return Side(torch.cat([u, complement], 1).float().contiguous(), dim, top.eigenvalues)
+
+
+def _kind(unit: Unit, side: str) -> str:
+    return "tokens" if unit.kind == "embedding" and side == "in" else side
+
+
+def hybrid_kept(unit: Unit, side: str, k: int) -> int:
+    """Eigen columns of a hybrid side with k columns (the rest sketch the complement); all k
+    for a share of 1 (that side is then plain pca)."""
+    share = HYBRID_KEPT[_kind(unit, side)]
+    return k if share >= 1 or k <= 1 else min(k - 1, max(0, round(share * k)))
+
+
+def hybrid_side(unit: Unit, side: str, covariance: torch.Tensor, k: int, seed: int,
+                kept: int | None = None, scale: float | None = None) -> Side:
+    """A fitted side with ``kept`` eigen columns (default ``hybrid_kept``) and a random
+    sketch of the complement, weighted ``scale`` (default ``HYBRID_SCALE``), in the other
+    ``k - kept``; the identity when k >= dim."""
+    kept = hybrid_kept(unit, side, k) if kept is None else kept
+    scale = HYBRID_SCALE[_kind(unit, side)] if scale is None else scale
+    if k >= covariance.shape[0] or kept >= k:
+        return eigen_side(covariance, k)
+    if covariance.dim() == 1:
+        return _rare_tokens_sketch(covariance, k, kept, seed, unit.name, scale)
+    return _complement_sketch(covariance, k, kept, seed, unit.name, side, scale)
+
+
 def pca_fits(unit: Unit, side: str) -> bool:
     """Whether this side of this unit is fitted (else random): see the module docstring."""
     if unit.kind == "embedding" and side == "in":
@@ -162,8 +244,30 @@ def pca_projector(unit: Unit, k: int, seed: int, covariances: dict[str, torch.Te
     return UnitProjector(unit, sides["in"], sides["out"])
 
 
+def hybrid_projector(unit: Unit, k: int, seed: int, covariances: dict[str, torch.Tensor],
+                     kept: dict[str, int] | None = None, scale: float | None = None) -> UnitProjector:
+    """Eigenbasis plus complement sketch on the fitted sides, seeded random on the others.
+    ``kept``: eigen columns per side ("in", "out"), overriding ``hybrid_kept``; ``scale``:
+    the complement's weight on every side, overriding ``HYBRID_SCALE`` (benchmarks, tests)."""
+    sides = {}
+    for side, dim in (("in", unit.in_dim), ("out", unit.out_dim)):
+        if side in covariances:
+            sides[side] = hybrid_side(unit, side, covariances[side], k, seed, (kept or {}).get(side), scale)
+        else:
+            sides[side] = random_side(dim, k, seed, unit.name, side)
+    return UnitProjector(unit, sides["in"], sides["out"])
+
+
+def fitted_projector(kind: str, unit: Unit, k: int, seed: int,
+                     covariances: dict[str, torch.Tensor]) -> UnitProjector:
+    """The projector of a fitted projection (``FITTED``) from the unit's covariances."""
+    return hybrid_projector(unit, k, seed, covariances) if kind == "hybrid" else \
+        pca_projector(unit, k, seed, covariances)
+
+
 def to_arrays(projectors: list[UnitProjector]) -> dict[str, np.ndarray]:
-    """The fitted sides, as arrays the index stores (random sides are regenerated instead)."""
+    """The fitted sides, as arrays the index stores (random sides are regenerated instead).
+    A hybrid side stores its whole matrix and the eigenvalues of its eigen columns only."""
     arrays = {}
     for p in projectors:
         for side_name, side in (("in", p.inp), ("out", p.out)):
@@ -176,7 +280,7 @@ def to_arrays(projectors: list[UnitProjector]) -> dict[str, np.ndarray]:
 def from_arrays(units: list[Unit], proj_dim: int, seed: int, arrays: dict[str, np.ndarray],
                 fitted: bool, exact_max: int = 0) -> list[UnitProjector]:
     """Rebuild projectors from stored eigenbases, regenerating the random sides. ``fitted``:
-    the index used the pca projection, so every side ``pca_fits`` must be stored; a missing
+    the index used a fitted projection (``FITTED``), so every side ``pca_fits`` must be stored; a missing
     one would silently become random and give wrong scores."""
     projectors = []
     for unit in units:

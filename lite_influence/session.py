@@ -93,7 +93,7 @@ def _projectors(manifest: dict, store, layers: dict, build: BuildConfig) -> list
 
     units = [u for us in layers.values() for u in us]
     projectors = from_arrays(units, build.proj_dim, build.seed, store.projection_arrays(),
-                             fitted=build.projection == "pca", exact_max=build.exact_max)
+                             fitted=build.projection != "random", exact_max=build.exact_max)
     dims = {p.unit.name: p.dim for p in projectors}
     for layer in manifest["layers"]:
         dim = sum(dims[u["name"]] for u in layer["units"])

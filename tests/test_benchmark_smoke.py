@@ -104,3 +104,72 @@ def test_exact_path_checks(outputs):
         assert checks["cosine_copy_vs_cosine_build_max_abs_diff"] < 1e-6
         nothing = by_seed["0"]["retrain"]["choices"]
         assert math.isclose(nothing["nothing"]["held_out_accuracy"], nothing["nothing_rerun"]["held_out_accuracy"])
+
+
+# ------------------------------------------------------------------ planted_backdoor.py
+
+
+def test_planted_backdoor_exact_and_projected_scores_match_autograd_and_the_hooks(bert_dir):
+    """The benchmark's exact reference (per-unit Gram identities from captured x_t, delta_t)
+    equals autograd weight-gradient inner products, and its projected vectors equal the
+    build's hook path, on a tiny BERT (the benchmark itself needs MiniLM and stays out of CI)."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("planted_backdoor", SCRIPT.parent / "planted_backdoor.py")
+    pb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb)
+    from lite_influence.gradients import fit_covariances, length_batches
+    from lite_influence.layers import assign_layers, discover_units, select_units
+    from lite_influence.models import encode, load_model
+    from lite_influence.projection import pca_fits
+
+    loaded = load_model(bert_dir)
+    texts = ["good movie", "the plot was very dull", "not quite a great film", "awful actor", "nice story really"]
+    labels = [1, 1, 0, 0, 1]  # the first two are also the queries, which carry the target label 1
+    enc = encode(loaded, texts, None, 32)
+    units = select_units(discover_units(loaded.model), "attention")
+    layers = assign_layers(units, "layer")
+    assert pb.exact_check(loaded, units, enc, labels, (1, 2)) < 1e-6
+    covariances = fit_covariances(loaded, units, enc, labels, length_batches([len(e["input_ids"]) for e in enc], 2), pca_fits)
+
+    class Args:
+        exact_max, seed, batch_size = 0, 0, 2
+        specs = ["hybrid:0.5:1 x pca k=2", "spectral:0.5 k=2", "tokens-exact x pca k=2", "tokens-exact x random k=2",
+                 "tokens-exact x pca k=999"]
+
+    projectors = pb.sources(units, covariances, Args)
+    assert pb.hook_check(loaded, units, layers, projectors[pb.DEFAULT], enc, labels, [0, 3, 4]) < 1e-5
+    assert pb.hook_check(loaded, units, layers, projectors["spectral:0.5 k=2"], enc, labels, [0, 3, 4]) < 1e-5
+    scores = pb.layer_scores(loaded, units, layers, projectors, enc, labels, enc[:2], Args)
+    dot, t_self, q_self = scores["exact"]["block0"]
+    assert dot.shape == (2, 5) and np.allclose(q_self, t_self[:2]) and np.allclose(np.diag(dot[:, :2]), t_self[:2])
+    # the tokens-exact sources score the embeddings only; with an identity hidden side they are exact
+    assert set(scores["tokens-exact x pca k=2"]) == {"embeddings"}
+    exact_emb, full = scores["exact"]["embeddings"], scores["tokens-exact x pca k=999"]["embeddings"]
+    assert all(np.allclose(a, b) for a, b in zip(exact_emb, full))
+    assert not np.allclose(scores["tokens-exact x random k=2"]["embeddings"][0], exact_emb[0])
+    shares = pb.shares(scores["exact"], {"all": list(layers)}, [0, 1], "cosine")
+    assert set(shares) == set(layers) | {"all"} and all(0 <= v["aggregated"] <= 1 for v in shares.values())
+    assert set(pb.shares(scores["tokens-exact x pca k=2"], {"all": list(layers)}, [0, 1], "cosine")) == {"embeddings"}
+
+
+def test_the_library_default_is_the_benchmarks_winning_candidate_on_dense_units():
+    """The default hybrid (lite_influence.projection) builds, for a linear unit, exactly the
+    matrices of the benchmarks' candidate "hybrid:0.5:1 x pca" (benchmarks/sketches.py), so
+    the candidate's measured rows are the default's."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import sketches
+    from lite_influence.layers import Unit
+    from lite_influence.projection import fitted_projector
+
+    u = Unit("block.q", "linear", "attention", 0, 13, 10, True, ("block.q.weight",))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(13, 40, generator=g, dtype=torch.float64), torch.randn(10, 40, generator=g, dtype=torch.float64)
+    covariances = {u.name: {"in": a @ a.T, "out": b @ b.T}}
+    mine = sketches.candidate("hybrid:0.5:1 x pca k=6", [u], 3, covariances, 0)[u.name]
+    library = fitted_projector("hybrid", u, 6, 3, covariances[u.name])
+    assert torch.equal(mine.inp.matrix, library.inp.matrix) and torch.equal(mine.out.matrix, library.out.matrix)

@@ -158,3 +158,128 @@ def test_diagonal_covariance_keeps_the_most_frequent_tokens_exactly():
     tie = eigen_side(counts, 4)
     assert tie.matrix.argmax(0).tolist() == [3, 6, 1, 2]
     assert torch.equal(tie.matrix[4], torch.zeros(4))  # token 4 ties with 2 and loses: dropped
+
+
+# ------------------------------------------------------------------ hybrid
+
+
+def _covariance(dim, rank, seed=0):
+    """A covariance whose energy sits in ``rank`` directions, plus a small isotropic rest."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
+    values = torch.cat([torch.linspace(10, 5, rank), torch.full((dim - rank,), 0.01)]).double()
+    return (basis * values) @ basis.T, basis[:, :rank]
+
+
+def test_hybrid_side_keeps_the_eigenbasis_exactly_and_sketches_only_its_complement():
+    from lite_influence.projection import hybrid_side
+
+    cov, _ = _covariance(12, 3)
+    side = hybrid_side(unit(), "out", cov, k=6, seed=0, kept=3, scale=1.0)
+    reference = eigen_side(cov, 3).matrix.double()
+    m = side.matrix.double()
+    assert m.shape == (12, 6) and torch.equal(side.matrix[:, :3], eigen_side(cov, 3).matrix)
+    assert torch.allclose(reference.T @ m[:, 3:], torch.zeros(3, 3, dtype=torch.float64), atol=1e-6)  # complement only
+    assert side.eigenvalues.shape == (3,)
+    # seeded by (seed, unit, side): regenerated identically, another seed differs
+    assert torch.equal(hybrid_side(unit(), "out", cov, 6, 0, 3, 1.0).matrix, side.matrix)
+    assert not torch.equal(hybrid_side(unit(), "out", cov, 6, 1, 3, 1.0).matrix, side.matrix)
+    # a complement weight c < 1 scales only the sketch columns
+    shrunk = hybrid_side(unit(), "out", cov, 6, 0, 3, 0.5).matrix
+    assert torch.equal(shrunk[:, :3], side.matrix[:, :3]) and torch.allclose(shrunk[:, 3:], 0.5 * side.matrix[:, 3:])
+    # nothing to sketch: plain pca; k >= dim: the identity
+    assert torch.equal(hybrid_side(unit(), "out", cov, 6, 0, 6).matrix, eigen_side(cov, 6).matrix)
+    assert hybrid_side(unit(), "out", cov, 12, 0).matrix is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_hybrid_inner_product_is_exact_on_the_kept_part_and_unbiased_on_the_rest(bias):
+    """Against dense numpy: gradients that live in the kept eigen directions keep their inner
+    product exactly (any seed); arbitrary gradients keep it on average over seeds, while pca
+    alone loses the part outside its directions (a rare cause)."""
+    from lite_influence.projection import hybrid_projector
+
+    u = unit(n_in=12, n_out=10, bias=bias)
+    cov_in, top_in = _covariance(u.in_dim, 2, seed=1)
+    cov_out, top_out = _covariance(10, 2, seed=2)
+    g = torch.Generator().manual_seed(3)
+    # in the kept span: G = U_out A U_in^T, so the exact inner product survives any sketch
+    ga, gb = (top_out @ torch.randn(2, 2, generator=g, dtype=torch.float64) @ top_in.T for _ in range(2))
+    kept = {"in": 2, "out": 2}
+    for seed in range(3):
+        p = hybrid_projector(u, 5, seed, {"in": cov_in, "out": cov_out}, kept, scale=1.0)
+        r_in, r_out = p.inp.matrix.double(), p.out.matrix.double()
+        pa, pb = (r_out.T @ x @ r_in for x in (ga, gb))
+        assert torch.allclose((pa * pb).sum(), (ga * gb).sum(), rtol=1e-5)
+    # arbitrary gradients: the average over seeds approaches the exact inner product
+    x, delta = torch.randn(5, u.in_dim - bias, generator=g), torch.randn(5, 10, generator=g)
+    y, eps = x + 0.5 * torch.randn(x.shape, generator=g), delta + 0.5 * torch.randn(delta.shape, generator=g)
+    target = float((exact(x, delta, bias) * exact(y, eps, bias)).sum())
+    estimates = []
+    for seed in range(600):
+        p = hybrid_projector(u, 5, seed, {"in": cov_in, "out": cov_out}, kept, scale=1.0)
+        estimates.append(float(projected(p, x, delta) @ projected(p, y, eps)))
+    assert abs(np.mean(estimates) - target) < 4 * np.std(estimates) / np.sqrt(len(estimates)) + 1e-3 * abs(target)
+    pca = pca_projector(u, 2, 0, {"in": cov_in, "out": cov_out})
+    assert abs(float(projected(pca, x, delta) @ projected(pca, y, eps)) - target) > abs(np.mean(estimates) - target)
+
+
+def test_hybrid_embeddings_keep_frequent_rows_exactly_and_sketch_every_other_token():
+    from lite_influence.projection import hybrid_projector
+
+    u = Unit("emb", "embedding", "embedding", None, 50, 6, False, ("emb.weight",))
+    counts = torch.zeros(50, dtype=torch.float64)
+    counts[[7, 3, 11]] = torch.tensor([30.0, 20.0, 10.0], dtype=torch.float64)
+    p = hybrid_projector(u, 6, 0, {"in": counts}, {"in": 3, "out": 6}, scale=1.0)
+    m = p.inp.matrix
+    assert torch.equal(m[[7, 3, 11], :3], torch.eye(3)) and not m[[7, 3, 11], 3:].any()
+    others = [v for v in range(50) if v not in (7, 3, 11)]
+    # every other token (rare or never seen) has one +-1 in a sketch column: none is dropped
+    assert torch.equal(m[others].abs().sum(1), torch.ones(len(others)))
+    assert not m[others, :3].any()
+    # the row lookup is the dense one-hot product, and E[R R^T] = I over seeds (count sketch)
+    ids = torch.tensor([[7, 20, 21, 3]])
+    assert torch.equal(p.project_input(ids), torch.nn.functional.one_hot(ids, 50).float() @ m)
+    mean = sum(hybrid_projector(u, 6, s, {"in": counts}, {"in": 3, "out": 6}, scale=1.0).inp.matrix.double()
+               @ hybrid_projector(u, 6, s, {"in": counts}, {"in": 3, "out": 6}, scale=1.0).inp.matrix.double().T
+               for s in range(400)) / 400
+    assert torch.allclose(torch.diag(mean), torch.ones(50, dtype=torch.float64))
+    assert (mean - torch.diag(torch.diag(mean))).abs().max() < 0.25
+
+
+def test_hybrid_round_trips_through_arrays_and_old_indexes_still_read():
+    from lite_influence.projection import FITTED, fitted_projector
+
+    u = unit(bias=True)
+    cov_in, _ = _covariance(u.in_dim, 3, seed=4)
+    cov_out, _ = _covariance(10, 3, seed=5)
+    built = fitted_projector("hybrid", u, 4, 9, {"in": cov_in, "out": cov_out})
+    arrays = {k: v.copy() for k, v in to_arrays([built]).items()}
+    (back,) = from_arrays([u], 4, 9, arrays, fitted="hybrid" in FITTED)
+    assert torch.equal(back.inp.matrix, built.inp.matrix) and torch.equal(back.out.matrix, built.out.matrix)
+    pca = fitted_projector("pca", u, 4, 9, {"in": cov_in, "out": cov_out})
+    assert torch.equal(pca.inp.matrix, pca_projector(u, 4, 9, {"in": cov_in, "out": cov_out}).inp.matrix)
+    assert not torch.equal(pca.inp.matrix, built.inp.matrix)
+
+
+def test_hybrid_defaults_are_per_side_and_a_share_of_one_is_plain_pca(monkeypatch):
+    """HYBRID_KEPT / HYBRID_SCALE are read per side ("in", "out", "tokens"); a side whose share
+    is 1 is exactly the eigenbasis, the other keeps its share of eigen columns and sketches the
+    rest with its own weight."""
+    import lite_influence.projection as projection
+
+    u = unit(bias=True)
+    cov_in, _ = _covariance(u.in_dim, 3, seed=6)
+    cov_out, _ = _covariance(10, 3, seed=7)
+    monkeypatch.setitem(projection.HYBRID_KEPT, "in", 0.5)
+    monkeypatch.setitem(projection.HYBRID_KEPT, "out", 1.0)
+    monkeypatch.setitem(projection.HYBRID_SCALE, "in", 1.0)
+    p = projection.fitted_projector("hybrid", u, 6, 0, {"in": cov_in, "out": cov_out})
+    assert torch.equal(p.out.matrix, eigen_side(cov_out, 6).matrix)
+    assert projection.hybrid_kept(u, "in", 6) == 3 and projection.hybrid_kept(u, "out", 6) == 6
+    assert torch.allclose(p.inp.matrix[:, :3], eigen_side(cov_in, 3).matrix)
+    rest = p.inp.matrix[:, 3:].double()
+    assert torch.allclose(eigen_side(cov_in, 3).matrix.double().T @ rest, torch.zeros(3, 3, dtype=torch.float64), atol=1e-5)
+    monkeypatch.setitem(projection.HYBRID_SCALE, "in", 0.5)
+    shrunk = projection.fitted_projector("hybrid", u, 6, 0, {"in": cov_in, "out": cov_out}).inp.matrix[:, 3:]
+    assert torch.allclose(shrunk, p.inp.matrix[:, 3:] * 0.5, atol=1e-6)
