@@ -47,15 +47,15 @@ def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: 
     exact = {layer: sign * (store.vectors(layer).astype(np.float64) @ prepared[layer].T)
              for layer in layers}  # (N, queries) per layer
     depth = vote_depth(store.n, vote_p) if agg == "vote" else store.n
-    lists = [order(exact[layer][:, q], higher_first=True)[:depth]
-             for layer in layers for q in range(exact[layer].shape[1])]
+    full = {layer: [order(exact[layer][:, q], higher_first=True) for q in range(exact[layer].shape[1])]
+            for layer in layers}  # each list sorted once, for the aggregate and for retrieved_in
+    lists = [ranking[:depth] for layer in layers for ranking in full[layer]]
     if agg == "mean":
         ids, values = aggregate("mean", scores=np.concatenate([s.T for s in exact.values()]))
         values = sign * values  # the mean influence: < 0 for opponents
     else:
         ids, values = aggregate(agg, lists=lists, n=store.n, p=vote_p)
-    top_in = {layer: {int(i) for q in range(exact[layer].shape[1])
-                      for i in order(exact[layer][:, q], higher_first=True)[:k]} for layer in layers}
+    top_in = {layer: {int(i) for ranking in full[layer] for i in ranking[:k]} for layer in layers}
     return [_row(examples[int(i)], int(i), float(value),
                  {layer: float(sign * exact[layer][int(i)].mean()) for layer in layers},
                  [layer for layer in layers if int(i) in top_in[layer]])
