@@ -128,7 +128,6 @@ class InfluenceIndex:
         ``query["completion"]``).
         """
         from .audit import chance_warning
-        from .lookup import lookup
 
         config = replace(config or QueryConfig(), **options).validate()
         texts = [text] if isinstance(text, str) else list(text)
@@ -137,40 +136,40 @@ class InfluenceIndex:
         completions = completion if isinstance(completion, list) else [completion] * len(texts)
         _check_texts(texts, pairs, self.manifest["build"])
         layers = self.resolve_layers(config.layers)
-        k = min(config.k, len(self))
         grads = self.gradients(texts, pairs, labels, config.batch_size, completions=completions,
                                max_new_tokens=config.max_new_tokens)
         names = self.manifest["label_names"]
         queries = [self.kind.describe(grads, i, texts, pairs, names) for i in range(len(texts))]
-        result = {"query": queries[0], "queries": queries, "prediction": queries[0]["prediction"],
-                  "agg": config.agg, "metric": self.store.metric, "layers": layers, "k": k,
-                  "k_clamped": config.k > len(self),
-                  "warning": chance_warning(grads, [value is not None for value in labels])}
-        for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
-            result[side] = lookup(self.store, self.examples, grads.vectors, layers, sign, k, config.agg, config.vote_p)
-        return result
+        return self._answer(queries, grads.vectors, layers, config,
+                            chance_warning(grads, [value is not None for value in labels]))
 
     def query_ids(self, ids: list[int], config: QueryConfig | None = None, **options) -> dict:
         """Proponents and opponents of training examples, from their stored vectors: no model
         is loaded, so it answers at once. Each example's own vector is its query (with cosine it
         heads its own proponents); the rows are those of ``query``, aggregated over the ids."""
-        from .lookup import lookup
-
         config = replace(config or QueryConfig(), **options).validate()
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < len(self)]
         if not ids or bad:
             raise UserError(f"--id must name training examples 0..{len(self) - 1}; got {bad or 'none'}.")
         layers = self.resolve_layers(config.layers)
-        k = min(config.k, len(self))
         vectors = {layer: self.vectors(layer, ids) for layer in layers}
         losses = self.store.losses()
         queries = [{"id": i, "text": self.examples[i].get("text"), "pair": self.examples[i].get("pair"),
                     "label": self.examples[i].get("label"), "prediction": None,
                     "loss": None if losses is None else float(losses[i])} for i in ids]
-        result = {"query": queries[0], "queries": queries, "prediction": None, "agg": config.agg,
-                  "metric": self.store.metric, "layers": layers, "k": k, "k_clamped": config.k > len(self),
-                  "warning": None}
+        return self._answer(queries, vectors, layers, config, None)
+
+    def _answer(self, queries: list[dict], vectors: dict, layers: list[str], config: QueryConfig,
+                warning: str | None) -> dict:
+        """The result of ``query`` and ``query_ids``: the queries described, then the top-k
+        proponents and opponents of their vectors over ``layers``."""
+        from .lookup import lookup
+
+        k = min(config.k, len(self))
+        result = {"query": queries[0], "queries": queries, "prediction": queries[0]["prediction"],
+                  "agg": config.agg, "metric": self.store.metric, "layers": layers, "k": k,
+                  "k_clamped": config.k > len(self), "warning": warning}
         for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
             result[side] = lookup(self.store, self.examples, vectors, layers, sign, k, config.agg, config.vote_p)
         return result

@@ -31,13 +31,12 @@ Decisions where the design was silent:
 - ``flip_labels`` counts ``round(fraction * N)`` with half-to-even rounding, after snapping
   float noise (``0.05 * 50``) to the nearest half, as ``ndr`` does for its cutoffs.
 - ``fingerprint_file`` of a folder hashes every file in it, hidden ones included, each as its
-  relative POSIX path, its byte length and its bytes, so renames and moved bytes both show.
+  relative POSIX path, its byte length and its sha256, so renames and moved bytes both show.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import sys
@@ -69,7 +68,6 @@ COMPLETION_COLUMNS = ("completion", "response", "answer", "output", "target")
 _FILE_FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 _WRITE_FORMATS = (".csv", ".tsv", ".jsonl")
 _SUPPORTED = ".csv, .tsv, .jsonl, .json, .parquet or a folder saved with datasets' save_to_disk"
-_CHUNK = 1 << 20
 _MAX_LISTED = 20
 
 
@@ -556,24 +554,12 @@ def _largest_remainder(counts: np.ndarray, n: int) -> np.ndarray:
 
 def fingerprint_file(path) -> str:
     """The index manifest records this so a query can tell that the training data changed
-    since the build; streaming keeps memory flat for multi-GB files."""
-    p = Path(path)
-    if not p.exists():
+    since the build (``fingerprint.fingerprint_path``: streamed, and cached per file)."""
+    from .fingerprint import fingerprint_path
+
+    if not Path(path).exists():
         raise UserError(f"{path} does not exist; check the path.")
-    h = hashlib.sha256()
-    if p.is_dir():
-        for rel, f in sorted((f.relative_to(p).as_posix(), f) for f in p.rglob("*") if f.is_file()):
-            h.update(rel.encode("utf-8") + b"\0" + f.stat().st_size.to_bytes(8, "little"))
-            _hash_bytes(h, f)
-    else:
-        _hash_bytes(h, p)
-    return "sha256:" + h.hexdigest()
-
-
-def _hash_bytes(h, p: Path) -> None:
-    with open(p, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    return fingerprint_path(Path(path))
 
 
 def write_rows(path, rows: Iterable[dict], columns: Sequence[str]) -> Path:
