@@ -217,11 +217,16 @@ def sources(units, covariances, args) -> dict[str, dict[str, object]]:
     """{source name: {unit name: projector}}: the library's default (what ``build`` stores,
     named ``DEFAULT``) and every candidate spec of ``sketches`` in ``args.specs``."""
     from lite_influence.config import BuildConfig
-    from lite_influence.projection import fitted_projector
+    from lite_influence.projection import fitted_projector, keeps_tokens, token_projector
 
     d = BuildConfig()
-    out = {DEFAULT: {u.name: fitted_projector(d.projection, u, unit_k(u, d.proj_dim, args.exact_max), args.seed,
-                                              covariances[u.name]) for u in units}}
+
+    def default(u):  # as build.py makes it; the exact token side scored by the identity
+        if keeps_tokens(u, d.token_dim):
+            return sketches.TokensExact(u, token_projector(d.projection, u, d.token_dim, args.seed, covariances[u.name]).out)
+        return fitted_projector(d.projection, u, unit_k(u, d.proj_dim, args.exact_max), args.seed, covariances[u.name])
+
+    out = {DEFAULT: {u.name: default(u) for u in units}}
     for spec in args.specs:
         out[spec] = sketches.candidate(spec, units, args.seed, covariances, args.exact_max)
     return out
@@ -300,8 +305,10 @@ def shares(per_layer: dict, groups: dict[str, list[str]], planted: list[int], me
 
 
 def hook_check(loaded, units, layers, projectors, encodings, labels, batch) -> float:
-    """Max relative error of ``project`` against the build's hook path (``layer_vectors``)."""
-    ordered = [projectors[u.name] for u in units]
+    """Max relative error of ``project`` against the build's hook path (``layer_vectors``), on
+    the dense layers (the exact token rows are checked against autograd in tests)."""
+    layers = {n: ms for n, ms in layers.items() if not isinstance(projectors[ms[0].name], sketches.TokensExact)}
+    ordered = [projectors[u.name] for ms in layers.values() for u in ms]
     vectors, _, _ = layer_vectors(loaded, ordered, layers, encodings, labels, batch)
     got = capture(loaded, units, encodings, labels, batch)
     worst = 0.0

@@ -153,7 +153,7 @@ class InfluenceIndex:
         if not ids or bad:
             raise UserError(f"--id must name training examples 0..{len(self) - 1}; got {bad or 'none'}.")
         layers = self.resolve_layers(config.layers)
-        vectors = {layer: self.vectors(layer, ids) for layer in layers}
+        vectors = {layer: self.store.layer(layer).rows(ids) for layer in layers}
         losses = self.store.losses()
         queries = [{"id": i, "text": self.examples[i].get("text"), "pair": self.examples[i].get("pair"),
                     "label": self.examples[i].get("label"), "prediction": None,

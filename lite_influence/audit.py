@@ -188,7 +188,7 @@ def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray,
     if losses is not None:
         out["training loss"] = _ranked(losses)
     if index.store.metric == "dot":
-        squares = sum(np.einsum("ij,ij->i", v, v, dtype=np.float64) for v in (index.store.vectors(l) for l in index.layers))
+        squares = sum(index.store.layer(layer).squared_norms() for layer in index.layers)
         out["self-influence"] = _ranked(squares)
     if losses is not None and result.table:
         influence = result.ranking
@@ -207,9 +207,10 @@ def _ranked(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _layer_sums(index, layer, vectors, subsets, aggs, vote_p):
     """Per query subset and aggregation, this layer's lists combined over queries, in a form
     that adds up over layers: mean score sum, mean-rank sum, vote sum."""
-    queries = index.store.prepare_queries(vectors)
+    view = index.store.layer(layer)
+    queries = view.prepare(vectors)
     need_full = "mean" in aggs or "rank" in aggs
-    full = queries @ index.store.vectors(layer).T if need_full else None  # (Q, N)
+    full = view.scores(queries).T if need_full else None  # (Q, N)
     if "vote" in aggs:
         neighbours = nearest(index.store, layer, queries, -1.0, vote_depth(len(index), vote_p))
     sums = {}

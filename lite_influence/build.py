@@ -70,7 +70,10 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
     done = writer.resume_point(identity)
     projectors = _projectors(loaded, writer, units, encodings, examples.labels, config, progress, done)
     dims = {name: sum(projectors[u.name].dim for u in members) for name, members in layers.items()}
-    matrices = {name: writer.vector_file(name, len(examples), dims[name]) for name in layers}
+    tokens = token_layers(layers, projectors)
+    counts = np.array([len(np.unique(e["input_ids"])) for e in encodings], np.int64) if tokens else None
+    matrices = {name: writer.token_file(name, counts, dims[name]) if name in tokens else
+                writer.vector_file(name, len(examples), dims[name]) for name in layers}
     matrices[LOSS] = writer.loss_file(len(examples))
     ordered = [projectors[u.name] for u in units]
     started = time.perf_counter()
@@ -78,8 +81,16 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
                    lambda completed: writer.save_progress({**identity, "batches_done": completed}),
                    lambda completed: progress("gradients", sum(len(b) for b in batches[:completed]), len(examples)))
     writer.write_examples(_example_rows(examples))
-    return _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, config,
+    entries = {name: int(counts.sum()) for name in tokens}
+    return _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, entries, config,
                      identity, time.perf_counter() - started)
+
+
+def token_layers(layers: dict, projectors: dict) -> set[str]:
+    """Layers stored as exact token rows: those of the embeddings unit alone when its token
+    side is exact (a layer is one unit's rows or a FAISS index, never a mix)."""
+    return {name for name, members in layers.items()
+            if len(members) == 1 and projectors[members[0].name].tokens_exact}
 
 
 LOSS = object()  # the key of the per-example loss column among the layers' matrices
@@ -117,14 +128,21 @@ def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done,
 
 def _projectors(loaded, writer, units, encodings, labels, config, progress, done) -> dict:
     from .gradients import fit_covariances, length_batches
-    from .projection import fitted_projector, from_arrays, pca_fits, random_projector, to_arrays, unit_k
+    from .projection import (fitted_projector, from_arrays, keeps_tokens, pca_fits, random_projector,
+                             to_arrays, token_projector, unit_k)
+
+    def make(u, covariances=None):
+        if keeps_tokens(u, config.token_dim):
+            return token_projector(config.projection, u, config.token_dim, config.seed, covariances)
+        k = unit_k(u, config.proj_dim, config.exact_max)
+        return random_projector(u, k, config.seed) if covariances is None else \
+            fitted_projector(config.projection, u, k, config.seed, covariances)
 
     if config.projection == "random":
-        return {u.name: random_projector(u, unit_k(u, config.proj_dim, config.exact_max), config.seed)
-                for u in units}
+        return {u.name: make(u) for u in units}
     if done:  # resuming: the eigenbasis was fitted and saved before the first batch
         saved = from_arrays(units, config.proj_dim, config.seed, writer.read_projection(), fitted=True,
-                            exact_max=config.exact_max)
+                            exact_max=config.exact_max, token_dim=config.token_dim)
         return {p.unit.name: p for p in saved}
     sample = np.random.default_rng(config.seed).permutation(len(encodings))[: config.fit_examples]
     lengths = [len(encodings[i]["input_ids"]) for i in sample]
@@ -136,7 +154,7 @@ def _projectors(loaded, writer, units, encodings, labels, config, progress, done
         progress("fit", fitted_count[0], len(sample))
 
     covariances = fit_covariances(loaded, units, encodings, labels, batches, pca_fits, on_batch)
-    projectors = [fitted_projector(config.projection, u, unit_k(u, config.proj_dim, config.exact_max), config.seed, covariances[u.name]) for u in units]
+    projectors = [make(u, covariances[u.name]) for u in units]
     writer.write_projection(to_arrays(projectors))
     return {p.unit.name: p for p in projectors}
 
@@ -158,7 +176,7 @@ def _example_rows(examples) -> list[dict]:
     return rows
 
 
-def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, config,
+def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, entries, config,
               identity, seconds) -> dict:
     from .layers import count_blocks, discover_units, group_layers
 
@@ -181,6 +199,7 @@ def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims,
                  "columns": examples.columns},
         "layers": [
             {"name": name, "dim": dims[name], "block": layer_blocks[name],
+             **({"kind": "tokens", "entries": entries[name]} if name in entries else {}),
              "units": [{"name": u.name, "kind": u.kind, "role": u.role, "params": list(u.params),
                         "in_dim": u.in_dim, "out_dim": u.out_dim,
                         "k_in": projectors[u.name].inp.k, "k_out": projectors[u.name].out.k}

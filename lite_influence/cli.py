@@ -181,8 +181,11 @@ def info(
     console.print(summary)
     table = Table("layer", "units", "dim", "file size", title="layers")
     for layer in m["layers"]:
-        size = sizes.get(f"layers/{layer['name']}.faiss", 0)
-        table.add_row(layer["name"], str(len(layer["units"])), str(layer["dim"]), render.human(size))
+        size = sum(v for f, v in sizes.items() if f == f"layers/{layer['name']}.faiss"
+                   or f.startswith(f"layers/{layer['name']}.tokens/"))
+        dim = str(layer["dim"]) if layer.get("kind") != "tokens" else \
+            f"{layer['dim']} per token ({layer['entries'] / m['n']:.1f} tokens each)"
+        table.add_row(layer["name"], str(len(layer["units"])), dim, render.human(size))
     console.print(table)
     console.print("groups: " + "; ".join(f"{g}: {', '.join(ls)}" for g, ls in m["groups"].items()))
 

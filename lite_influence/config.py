@@ -83,6 +83,7 @@ class BuildConfig(ModelOptions, Columns):
     granularity: str = option("layer", "One index per transformer block ('layer') or per weight matrix ('unit').")
     projection: str = option("pca", "pca: fitted Kronecker eigenbasis (best average fidelity); hybrid: input side half eigenbasis, half an unbiased sketch of the rest, rare tokens sketched (finds more planted causes, lower fidelity: README, Projection); random: seeded Gaussian (needs no fitting pass).")
     proj_dim: int = option(8, "Dims kept per side of each weight matrix; a unit stores proj_dim^2 numbers (a BERT block of 4 attention matrices: 4 x 64 = 256).")
+    token_dim: int = option(64, "Word embeddings: their token side is kept exactly (sparse rows: each example keeps this many numbers per distinct token, so a rare token is never mixed with others); 0 projects them like any unit (--proj-dim per side).")
     exact_max: int = option(1024, "A weight matrix with one side no wider than --proj-dim and at most this many numbers is stored exactly, not projected (a 2-class head of a 384-wide model: 770 numbers); 0 projects everything.")
     fit_examples: int = option(256, "Training examples used to fit the pca eigenbasis (one extra forward/backward pass over them).")
     metric: str = option("cosine", "cosine: normalise vectors (best for lookup); dot: raw TracIn inner products (the paper's score).")
@@ -102,7 +103,7 @@ class BuildConfig(ModelOptions, Columns):
         if self.metric not in METRICS:
             raise UserError(f"unknown metric '{self.metric}'; use one of {', '.join(METRICS)}")
         _at_least(self, ("proj_dim", "batch_size", "max_length", "fit_examples"), 1)
-        _at_least(self, ("exact_max", "seed"), 0)
+        _at_least(self, ("exact_max", "seed", "token_dim"), 0)
         _at_least(self, ("limit", "num_labels"), 1, optional=True)
         if self.num_labels == 1:
             raise UserError("--num-labels must be at least 2: a classifier with one class learns nothing.")

@@ -131,6 +131,8 @@ class ProjectedGradients(_Hooks):
 
     def on_unit(self, unit, x, output_hook):
         projector = self.projectors[unit.name]
+        if projector.tokens_exact:
+            return self._token_rows(unit, projector, x, output_hook)
         a = self._masked(projector.project_input(x if unit.kind == "embedding" else x.float()))
 
         def backward(delta):
@@ -138,6 +140,20 @@ class ProjectedGradients(_Hooks):
             phi = torch.einsum("bto,bti->boi", b, a).reshape(b.shape[0], -1)
             previous = self._phi.get(unit.name)
             self._phi[unit.name] = phi if previous is None else previous + phi
+
+        output_hook(backward)
+
+    def _token_rows(self, unit, projector, token_ids, output_hook):
+        """The embeddings' exact token side: per example, each distinct token's summed
+        projected output gradient (``store.token_rows``), instead of a dense vector."""
+        from .store.token_rows import TokenRows
+
+        mask = self.mask if self.mask is not None else torch.ones_like(token_ids, dtype=torch.bool)
+
+        def backward(delta):
+            b = projector.project_output(delta.float()).detach()
+            rows = [(token_ids[i][mask[i]].numpy(), b[i][mask[i]].numpy()) for i in range(b.shape[0])]
+            self._phi[unit.name] = TokenRows.from_lists(rows, b.shape[-1])
 
         output_hook(backward)
 
@@ -240,7 +256,8 @@ def _targets(labels, batch) -> torch.Tensor | None:
 
 def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, list[Unit]],
                   encodings: list[dict], labels: list[int] | None, batch: list[int]):
-    """One batch's per-layer vectors (units concatenated in layer order), losses and logits
+    """One batch's per-layer vectors (units concatenated in layer order; the embeddings'
+    exact token rows as a ``TokenRows`` of the batch), losses and logits
     (for a causal LM, per example: completion tokens and teacher-forced argmax hits).
 
     Concatenating a layer's unit vectors makes the layer's inner product the sum of its
@@ -257,8 +274,14 @@ def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, lis
         losses, logits = example_losses(loaded, inputs, targets)
         losses.sum().backward()
         phi = capture.vectors()
-    vectors = {name: torch.cat([phi[u.name] for u in units], 1).numpy() for name, units in layers.items()}
+    vectors = {name: phi[units[0].name] if _is_tokens(phi[units[0].name]) else
+               torch.cat([phi[u.name] for u in units], 1).numpy() for name, units in layers.items()}
     return vectors, losses.detach().numpy(), output_summary(loaded, inputs, logits)
+
+
+def _is_tokens(phi) -> bool:
+    """A layer of exact token rows (build.token_layers: its one unit) rather than vectors."""
+    return not isinstance(phi, torch.Tensor)
 
 
 def fit_covariances(loaded, units: list[Unit], encodings: list[dict], labels: list[int],

@@ -19,9 +19,15 @@ from .aggregate import aggregate
 
 def nearest(store, layer: str, queries: np.ndarray, sign: float, depth: int) -> list[np.ndarray]:
     """Per query, the ids of the ``depth`` examples of highest ``sign`` * influence, in
-    exact order. ``queries`` are prepared (``store.prepare_queries``)."""
+    exact order. ``queries`` are prepared (``store.layer(layer).prepare``)."""
+    from .aggregate import order
+
     n = store.n
     depth = min(depth, n)
+    view = store.layer(layer)
+    if view.kind != "dense":  # token rows: no FAISS, exact scores over the query tokens' postings
+        full = sign * view.scores(queries)
+        return [order(full[:, q], higher_first=True)[:depth] for q in range(full.shape[1])]
     margin = min(n - depth, max(16, depth // 100))
     _, candidates = store.search(layer, sign * queries, depth + margin)
     result = []
@@ -35,7 +41,7 @@ def nearest(store, layer: str, queries: np.ndarray, sign: float, depth: int) -> 
 def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: float, k: int,
            agg: str, vote_p: float = 0.2) -> list[dict]:
     """Top-k rows (proponents: sign 1, opponents: -1) of the queries ``vectors`` (raw, layer
-    -> (queries, dim)) over ``layers``, combined by ``agg``; see ``InfluenceIndex.query``.
+    -> (queries, dim), or token rows) over ``layers``, combined by ``agg``; see ``InfluenceIndex.query``.
 
     The ranking does not depend on ``k``, which only truncates it: every (layer, query) list
     is scored exactly against every stored vector; rank averages full ranks, mean full scores,
@@ -43,8 +49,7 @@ def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: 
     audit does). ``retrieved_in`` names the layers in whose own top k the row is."""
     from .aggregate import order, vote_depth
 
-    prepared = {layer: store.prepare_queries(vectors[layer]).astype(np.float64) for layer in layers}
-    exact = {layer: sign * (store.vectors(layer).astype(np.float64) @ prepared[layer].T)
+    exact = {layer: sign * store.layer(layer).scores(store.layer(layer).prepare(vectors[layer]))
              for layer in layers}  # (N, queries) per layer
     depth = vote_depth(store.n, vote_p) if agg == "vote" else store.n
     full = {layer: [order(exact[layer][:, q], higher_first=True) for q in range(exact[layer].shape[1])]

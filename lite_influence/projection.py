@@ -29,6 +29,14 @@ to choose R (DESIGN.md):
   dropped. The matrices are stored in projection.npz like pca's, so the store and hooks are
   unchanged, and an index keeps the matrices it was built with when these defaults change.
 
+The word embeddings' token side is by default not projected at all (``token_projector``,
+``--token-dim``): each example keeps its own tokens' rows exactly, as sparse rows
+(store/token_rows.py), with the hidden side projected like any output side. Measured on
+MiniLM/SST-2 (benchmarks/fidelity.py): Spearman vs exact 0.877 / 0.934 / 0.962 / 0.984 at
+16 / 32 / 64 / 128 hidden dims per token, against 0.794 for the projected token side below,
+and every planted backdoor example found (benchmarks/planted_backdoor.py). What follows about
+the embeddings' token side applies to ``--token-dim 0`` and to tied embeddings.
+
 A side whose dimension is not larger than k is kept exactly (identity): a 2-class head's
 output side costs 2 dims and loses nothing. The embeddings' input side (one-hot tokens) has a
 diagonal covariance (token counts), so its eigenbasis keeps the k most frequent tokens
@@ -97,10 +105,12 @@ class UnitProjector:
     unit: Unit
     inp: Side
     out: Side
+    tokens_exact: bool = False  # the embeddings' token side kept exactly, as sparse rows
 
     @property
     def dim(self) -> int:
-        return self.inp.k * self.out.k
+        """Numbers per example; for exact token rows, per (example, distinct token) entry."""
+        return self.out.k if self.tokens_exact else self.inp.k * self.out.k
 
     def project_input(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in features) -> (..., k_in); appends the bias's constant 1 implicitly."""
@@ -225,6 +235,29 @@ def unit_k(unit: Unit, proj_dim: int, exact_max: int = 0) -> int:
     return max(unit.in_dim, unit.out_dim) if small else proj_dim
 
 
+def keeps_tokens(unit: Unit, token_dim: int) -> bool:
+    """Whether a unit's token side is kept exactly (``token_rows``): the word embeddings
+    with ``token_dim`` > 0, unless an LM head shares them (its use is dense over the whole
+    vocabulary, so that side stays projected)."""
+    return unit.kind == "embedding" and not unit.tied and token_dim > 0
+
+
+def token_projector(kind: str, unit: Unit, token_dim: int, seed: int,
+                    covariances: dict[str, torch.Tensor] | None = None,
+                    stored: Side | None = None) -> UnitProjector:
+    """The embeddings with an exact token side and ``token_dim`` hidden dims per token: the
+    hidden side fitted like any output side (``kind``), random when not fitted, or the
+    ``stored`` side of an index."""
+    k, cov = min(token_dim, unit.out_dim), (covariances or {}).get("out")
+    if stored is not None:
+        out = stored
+    elif kind == "random" or cov is None:
+        out = random_side(unit.out_dim, k, seed, unit.name, "out")
+    else:
+        out = hybrid_side(unit, "out", cov, k, seed) if kind == "hybrid" else eigen_side(cov, k)
+    return UnitProjector(unit, Side(None, unit.in_dim), out, tokens_exact=True)
+
+
 def random_projector(unit: Unit, k: int, seed: int) -> UnitProjector:
     return UnitProjector(
         unit,
@@ -278,15 +311,18 @@ def to_arrays(projectors: list[UnitProjector]) -> dict[str, np.ndarray]:
 
 
 def from_arrays(units: list[Unit], proj_dim: int, seed: int, arrays: dict[str, np.ndarray],
-                fitted: bool, exact_max: int = 0) -> list[UnitProjector]:
+                fitted: bool, exact_max: int = 0, token_dim: int = 0) -> list[UnitProjector]:
     """Rebuild projectors from stored eigenbases, regenerating the random sides. ``fitted``:
     the index used a fitted projection (``FITTED``), so every side ``pca_fits`` must be stored; a missing
     one would silently become random and give wrong scores."""
     projectors = []
     for unit in units:
-        sides, k = {}, unit_k(unit, proj_dim, exact_max)
+        tokens = keeps_tokens(unit, token_dim)
+        sides, k = {}, min(token_dim, unit.out_dim) if tokens else unit_k(unit, proj_dim, exact_max)
         for side, dim in (("in", unit.in_dim), ("out", unit.out_dim)):
             key = f"{unit.name}/{side}"
+            if tokens and side == "in":
+                continue
             if fitted and pca_fits(unit, side) and k < dim and key not in arrays:
                 raise UserError(f"the index's projection.npz lacks the eigenbasis {key}; rebuild the index.")
             if key in arrays:
@@ -294,5 +330,6 @@ def from_arrays(units: list[Unit], proj_dim: int, seed: int, arrays: dict[str, n
                                    torch.from_numpy(np.array(arrays[f"{key}_eigenvalues"])))
             else:
                 sides[side] = random_side(dim, k, seed, unit.name, side)
-        projectors.append(UnitProjector(unit, sides["in"], sides["out"]))
+        projectors.append(token_projector("stored", unit, token_dim, seed, stored=sides["out"]) if tokens
+                          else UnitProjector(unit, sides["in"], sides["out"]))
     return projectors

@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import BuildConfig
 from .errors import UserError
+from .store.token_rows import TokenRows
 from .tasks import QueryGradients, task_of
 
 
@@ -26,7 +27,8 @@ class Session:
         from .models import load_model
 
         self.manifest = manifest
-        self.build = BuildConfig.from_dict({"exact_max": 0, **manifest["build"]})  # indexes before exact_max
+        # indexes from before exact_max and token_dim were built without them
+        self.build = BuildConfig.from_dict({"exact_max": 0, "token_dim": 0, **manifest["build"]})
         self.task = task_of(manifest["model"].get("task"))
         path = _verified_model_path(manifest, model_path)
         self.loaded = load_model(path, task=self.task.name, num_labels=self.build.num_labels, seed=self.build.seed)
@@ -52,16 +54,24 @@ class Session:
         unit_dims = {p.unit.name: p.dim for p in self.projectors}
         dims = {name: sum(unit_dims[u.name] for u in units) for name, units in self.layers.items()}
         vectors = {name: np.zeros((n, dim), np.float32) for name, dim in dims.items()}
+        token_rows = {}  # layer -> per example (tokens, values), for exact token rows
         losses, summaries = np.zeros(n), None
         for batch in length_batches([len(e["input_ids"]) for e in encodings], batch_size):
             batch_vectors, batch_losses, batch_summary = layer_vectors(
                 self.loaded, self.projectors, self.layers, encodings, targets, batch)
             for name in self.layers:
-                vectors[name][batch] = batch_vectors[name]
+                if isinstance(batch_vectors[name], np.ndarray):
+                    vectors[name][batch] = batch_vectors[name]
+                else:
+                    rows = token_rows.setdefault(name, [None] * n)
+                    for j, i in enumerate(batch):
+                        rows[i] = batch_vectors[name].row(j)
             if summaries is None:
                 kind = np.float64 if batch_summary.dtype.kind == "f" else np.int64  # as before the split
                 summaries = np.zeros((n, batch_summary.shape[1]), kind)
             losses[batch], summaries[batch] = batch_losses, batch_summary
+        for name, rows in token_rows.items():
+            vectors[name] = TokenRows.from_lists(rows, dims[name])
         return vectors, losses, summaries
 
 
@@ -93,7 +103,8 @@ def _projectors(manifest: dict, store, layers: dict, build: BuildConfig) -> list
 
     units = [u for us in layers.values() for u in us]
     projectors = from_arrays(units, build.proj_dim, build.seed, store.projection_arrays(),
-                             fitted=build.projection != "random", exact_max=build.exact_max)
+                             fitted=build.projection != "random", exact_max=build.exact_max,
+                             token_dim=build.token_dim)
     dims = {p.unit.name: p.dim for p in projectors}
     for layer in manifest["layers"]:
         dim = sum(dims[u["name"]] for u in layer["units"])

@@ -41,7 +41,7 @@ PREDICTED = -1  # a classification target meaning "the model's argmax in this fo
 
 @dataclass
 class QueryGradients:
-    vectors: dict[str, np.ndarray]  # layer -> (queries, dim), raw (not normalised)
+    vectors: dict[str, object]  # layer -> (queries, dim) array, raw (not normalised), or TokenRows
     labels: np.ndarray  # the labels the gradients are of (-1 for a causal LM)
     predicted: np.ndarray
     losses: np.ndarray

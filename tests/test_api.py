@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import WORDS, tiny_config
+from conftest import WORDS, dense_rows, tiny_config
 from lite_influence import ndr
 from lite_influence.api import InfluenceIndex, build_index
 from lite_influence.data import flip_labels
@@ -34,7 +34,7 @@ def prepared(index, vectors):
 
 def scores(index, layer, query_vectors):
     """Influence of every training example on every query: (queries, N), float64."""
-    return prepared(index, query_vectors) @ index.vectors(layer).astype(np.float64).T
+    return prepared(index, dense_rows(index, layer, query_vectors)) @ dense_rows(index, layer).T
 
 
 def ranked(values, higher_first):
@@ -47,7 +47,8 @@ def assert_no_near_ties(index, layer, query_vectors):
     """Precondition of an exact ranking comparison: the training examples' scores for each
     query are further apart than 10x the float32 rounding the index computes them with."""
     exact = scores(index, layer, query_vectors)
-    rounded = index.store.prepare_queries(query_vectors) @ index.vectors(layer).T
+    rounded = (prepared(index, dense_rows(index, layer, query_vectors)).astype(np.float32)
+               @ dense_rows(index, layer).astype(np.float32).T)
     gap = np.diff(np.sort(exact, axis=1), axis=1).min()
     assert gap > 10 * np.abs(rounded - exact).max(), (layer, gap)
 
@@ -99,12 +100,14 @@ def test_build_is_deterministic_and_seeded(bert_dir, train_tsv, tmp_path, projec
     c = build_index(bert_dir, train_tsv, tmp_path / "c", seed=1, **options)
     assert a.layers == b.layers == c.layers == LAYERS
     for layer in LAYERS:
-        assert np.array_equal(a.vectors(layer), b.vectors(layer)), layer
+        assert np.array_equal(dense_rows(a, layer), dense_rows(b, layer)), layer
     # random: every matrix comes from (seed, unit name); pca: the seed picks the fitting sample.
-    # The 2-class head (16 x 2 + bias: one side narrower than proj_dim) is stored exactly.
-    for layer in LAYERS[:-1]:
-        assert not np.allclose(a.vectors(layer), c.vectors(layer)), layer
+    # The 2-class head (16 x 2 + bias: one side narrower than proj_dim) is stored exactly, and
+    # so are the embeddings (exact token rows, hidden 16 < --token-dim 64).
+    for layer in BLOCKS:
+        assert not np.allclose(dense_rows(a, layer), dense_rows(c, layer)), layer
     assert np.array_equal(a.vectors("head"), c.vectors("head"))
+    assert np.array_equal(dense_rows(a, "embeddings"), dense_rows(c, "embeddings"))
     assert a.manifest["layers"][-1]["dim"] == 17 * 2
     if projection == "pca":
         assert (a.path / "projection.npz").read_bytes() == (b.path / "projection.npz").read_bytes()
@@ -288,7 +291,7 @@ def reference_audit(index, layers, q_vectors, queries, agg, p=0.2):
     depth, pn = math.ceil(round(p * n, 9)), p * n
     total, lists = np.zeros(n), 0
     for layer in layers:
-        for row in scores(index, layer, q_vectors[layer][queries]):
+        for row in scores(index, layer, q_vectors[layer])[queries]:
             order = ranked(row, higher_first=False)
             if agg == "vote":
                 total[order[:depth]] += pn - np.arange(depth)
@@ -384,7 +387,7 @@ def test_resumed_build_equals_uninterrupted(bert_dir, train_tsv, tmp_path, batch
     assert gradient_steps == list(range(saved + batch_size, 11, batch_size)) + ([10] if batch_size == 4 else [])
     assert any(stage == "fit" for stage, _ in stages) == (saved == 0)
     for layer in LAYERS:
-        assert np.array_equal(resumed.vectors(layer), reference.vectors(layer)), layer
+        assert np.array_equal(dense_rows(resumed, layer), dense_rows(reference, layer)), layer
     assert not (tmp_path / ".index.partial").exists()
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import WORDS, run_cli
+from conftest import WORDS, dense_rows, run_cli
 from lite_influence import build_index, ndr
 from lite_influence.audit import noise_flags
 from lite_influence.errors import UserError
@@ -92,7 +92,7 @@ def test_baselines_training_loss_self_influence_and_fusion(bert_dir, env):
     noisy = noise_flags(index.examples, None)
     by_loss = order(index.store.losses(), higher_first=True)
     assert result.baselines["training loss"] == ndr.summarise(by_loss, noisy, result.levels)
-    squares = sum((index.vectors(l).astype(np.float64) ** 2).sum(1) for l in index.layers)
+    squares = sum((dense_rows(index, l) ** 2).sum(1) for l in index.layers)
     assert result.baselines["self-influence"] == ndr.summarise(order(squares, higher_first=True), noisy, result.levels)
     influence = result.rankings[("all", "rank", "all")][0]
     position = np.argsort(influence) + np.argsort(by_loss)  # each example's two positions

@@ -15,10 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 
-from conftest import WORDS, run_cli as run
+from conftest import WORDS, dense_rows, run_cli as run
 from lite_influence.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,6 +132,11 @@ def _damaged(c, damage):
     return _query(c, "--text", "good film"), None
 
 
+def _tokens_damaged(c, damage):
+    damage(c["copy"] / "layers" / "embeddings.tokens" / "values.npy")
+    return _query(c, "--text", "good film"), None
+
+
 def _moved_model(c):
     edit_manifest(c["copy"], lambda m: m["model"].update(path=str(c["tmp"] / "moved-away")))
     return _query(c, "--text", "good film"), None
@@ -154,8 +160,13 @@ QUERY_CASES = [
      ["format 999", "upgrade"]),
     ("faiss file deleted", lambda c: _damaged(c, lambda f, _: f.unlink()), ["block1.faiss", "missing", "rebuild"]),
     ("faiss file truncated", lambda c: _damaged(c, lambda f, _: f.write_bytes(f.read_bytes()[:100])), ["block1.faiss", "damaged", "rebuild"]),
-    ("faiss file of the wrong dim", lambda c: _damaged(c, lambda f, i: shutil.copy(i / "layers" / "embeddings.faiss", f)),
-     ["block1.faiss", "dim 64", "dim 256", "rebuild"]),
+    ("faiss file of the wrong dim", lambda c: _damaged(c, lambda f, i: shutil.copy(i / "layers" / "head.faiss", f)),
+     ["block1.faiss", "dim 34", "dim 256", "rebuild"]),
+    ("token rows deleted", lambda c: _tokens_damaged(c, lambda f: f.unlink()), ["values.npy", "missing or damaged", "rebuild"]),
+    ("token rows truncated", lambda c: _tokens_damaged(c, lambda f: f.write_bytes(f.read_bytes()[:200])),
+     ["values.npy", "damaged", "rebuild"]),
+    ("token rows of another shape", lambda c: _tokens_damaged(c, lambda f: np.save(f, np.zeros((3, 16), np.float32))),
+     ["embeddings.tokens", "do not match the manifest", "rebuild"]),
     ("manifest not JSON", lambda c: (write(c["copy"] / "manifest.json", "{") and _query(c, "--text", "x"), None),
      ["manifest.json", "damaged", "rebuild"]),
     ("examples table deleted", lambda c: ((c["copy"] / "examples.jsonl").unlink() or _query(c, "--text", "x"), None),
@@ -397,7 +408,7 @@ def test_kill_9_mid_build_keeps_the_old_index_and_resume_matches(env, tmp_path):
     a, b = InfluenceIndex.open(out), InfluenceIndex.open(tmp_path / "reference")
     assert a.layers == b.layers and len(a) == 3000
     for layer in a.layers:
-        assert np.array_equal(a.vectors(layer), b.vectors(layer)), layer
+        assert np.array_equal(dense_rows(a, layer), dense_rows(b, layer)), layer
 
 
 def test_user_files_are_read_with_safe_loaders_only():

@@ -16,7 +16,10 @@ def test_manifest_records_the_build_config_once(bert_dir, train_tsv, tmp_path):
     assert manifest["build"] == BuildConfig(projection="random", proj_dim=3, seed=4).to_dict()
     assert not {"seed", "proj_dim", "projection", "granularity"} & set(manifest)
     assert manifest["n"] == 12 and manifest["model"]["task"] == "classification"
-    assert all(layer["dim"] == sum(u["k_in"] * u["k_out"] for u in layer["units"]) for layer in manifest["layers"])
+    dense = [layer for layer in manifest["layers"] if layer.get("kind") != "tokens"]
+    assert all(layer["dim"] == sum(u["k_in"] * u["k_out"] for u in layer["units"]) for layer in dense)
+    tokens, = [layer for layer in manifest["layers"] if layer.get("kind") == "tokens"]
+    assert tokens["name"] == "embeddings" and tokens["dim"] == tokens["units"][0]["k_out"] == 16  # the tiny hidden size (16 < 64): exact
 
 
 @pytest.mark.parametrize("options, words", [({"proj_dim": 0}, "--proj-dim must be at least 1"),

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
 
-from conftest import WORDS, exact_unit_gradients, run_cli as run, tiny_config
+from conftest import WORDS, dense_rows, exact_unit_gradients, run_cli as run, tiny_config
 from lite_influence import gradients as gradients_module
 from lite_influence.api import InfluenceIndex, build_index
 from lite_influence.cli import main
@@ -324,8 +324,11 @@ def exact_index_vectors(folder, rows, layers):
         ids = torch.tensor(p + tokenizer(completion, add_special_tokens=False)["input_ids"])
         closures.append(lambda ids=ids, n=len(p): completion_loss(model, ids, n))
     exact = exact_unit_gradients(model, units, closures)
-    return {layer["name"]: torch.cat([exact[by_name[u["name"]].name].flatten(1) for u in layer["units"]], 1).numpy()
-            for layer in layers}
+    def rows(layer, unit):  # exact token rows (the embeddings) are (token, hidden): G transposed
+        g = exact[by_name[unit["name"]].name]
+        return (g.transpose(1, 2) if layer.get("kind") == "tokens" else g).flatten(1)
+
+    return {layer["name"]: torch.cat([rows(layer, u) for u in layer["units"]], 1).numpy() for layer in layers}
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -337,7 +340,7 @@ def test_build_stores_exact_vectors_at_full_width(arch, lm_dirs, lm_train, tmp_p
     assert index.examples[0] == {"id": 0, "text": fact_rows()[0][0], "completion": fact_rows()[0][1]}
     exact = exact_index_vectors(lm_dirs[arch], fact_rows(), m["layers"])
     for layer in index.layers:
-        np.testing.assert_allclose(index.vectors(layer), exact[layer], rtol=1e-4, atol=1e-5, err_msg=layer)
+        np.testing.assert_allclose(dense_rows(index, layer), exact[layer], rtol=1e-4, atol=1e-5, err_msg=layer)
 
 
 def spearman(a, b):
@@ -356,7 +359,7 @@ def test_projected_influence_agrees_with_exact(projection, scope, threshold, lm_
     upper = np.triu_indices(len(index), 1)
     layers = index.layers if scope == "all" else [l for l in index.layers if l.startswith("block")]
     for layer in layers:
-        v, g = index.vectors(layer).astype(np.float64), exact[layer].astype(np.float64)
+        v, g = dense_rows(index, layer), exact[layer].astype(np.float64)
         rho = spearman((v @ v.T)[upper], (g @ g.T)[upper])
         assert rho > threshold, (layer, rho)
 

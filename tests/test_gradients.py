@@ -121,3 +121,26 @@ def test_embedding_input_covariance_is_token_counts_without_padding():
         for token, keep in zip(row, mask):
             expected[token] += keep
     assert counts.tolist() == expected
+
+
+@pytest.mark.parametrize("k", [16, 5])
+def test_exact_token_rows_equal_the_embedding_gradient_rows(k):
+    """The embeddings' exact token side: example i keeps, for each token it holds, R_out^T
+    G_i[:, token] (all of the hidden side at k = 16, a seeded sketch at k = 5), and nothing for
+    the tokens it does not hold: its rows are the exact gradient's columns, sketched."""
+    from lite_influence.projection import token_projector
+
+    model = tiny_classifier("bert")
+    batch, labels = random_batch(batch=6)
+    unit = next(u for u in discover_units(model) if u.kind == "embedding")
+    exact = exact_gradients(model, batch, labels, [unit])[unit.name].double()  # (B, hidden, vocab)
+    projector = token_projector("random", unit, k, 0)
+    rows = projected(model, batch, labels, [projector])[unit.name]
+    r = torch.eye(unit.out_dim, dtype=torch.float64) if projector.out.matrix is None else projector.out.matrix.double()
+    expected = exact.transpose(1, 2) @ r  # (B, vocab, k)
+    stored = torch.zeros_like(expected)
+    for i in range(rows.n):
+        tokens, values = rows.row(i)
+        stored[i, torch.from_numpy(tokens)] = torch.from_numpy(values).double()
+        assert set(tokens.tolist()) == set(batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist())
+    torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-6)

@@ -7,11 +7,13 @@ import json
 import numpy as np
 import pytest
 
+from conftest import dense_rows
 from lite_influence.api import InfluenceIndex, build_index
 from lite_influence.errors import UserError
 from lite_influence.store import IndexStore
 
 LAYERS = ["embeddings", "block0", "block1", "block2", "head"]
+FAISS_LAYERS = [layer for layer in LAYERS if layer != "embeddings"]  # the embeddings: exact token rows
 
 
 def snapshot(folder):
@@ -48,9 +50,12 @@ def test_manifest_and_vectors_round_trip(built):
     assert reopened.manifest == json.loads(json.dumps(built.manifest))
     assert json.loads((built.path / "manifest.json").read_text()) == reopened.manifest
     assert reopened.layers == LAYERS and len(reopened) == 12
-    assert sorted(f.name for f in (built.path / "layers").iterdir()) == sorted(f"{l}.faiss" for l in LAYERS)
+    assert sorted(f.name for f in (built.path / "layers").iterdir()) == sorted(
+        [f"{l}.faiss" for l in FAISS_LAYERS] + ["embeddings.tokens"])
+    assert sorted(f.name for f in (built.path / "layers" / "embeddings.tokens").iterdir()) == [
+        "indptr.npy", "tokens.npy", "values.npy"]
     ids = [7, 0, 11, 3]
-    for info in reopened.manifest["layers"]:
+    for info in reopened.manifest["layers"][1:]:
         # a layer's dim is the sum of its units' k_in x k_out (block: 4 attention linears)
         assert info["dim"] == sum(u["k_in"] * u["k_out"] for u in info["units"])
         full = reopened.vectors(info["name"])
@@ -73,8 +78,7 @@ def test_cosine_stores_unit_vectors_and_dot_stores_raw(bert_dir, train_tsv, tmp_
     cosine = build_index(bert_dir, train_tsv, tmp_path / "cos", projection="random", metric="cosine")
     dot = build_index(bert_dir, train_tsv, tmp_path / "dot", projection="random", metric="dot")
     for layer in LAYERS:
-        unit = cosine.vectors(layer).astype(np.float64)
-        raw = dot.vectors(layer).astype(np.float64)
+        unit, raw = dense_rows(cosine, layer), dense_rows(dot, layer)
         np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-5)
         assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
         np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
@@ -86,7 +90,7 @@ def test_search_equals_brute_force(bert_dir, train_tsv, tmp_path, metric):
     store = IndexStore.open(index.path)
     rng = np.random.default_rng(0)
     near = {}
-    for layer in LAYERS:
+    for layer in FAISS_LAYERS:
         vectors = store.vectors(layer)
         queries = rng.normal(size=(3, vectors.shape[1])).astype(np.float32)
         queries[2] = near[layer] = 3 * vectors[5] + 0.01 * queries[2]  # near a stored vector
@@ -157,7 +161,8 @@ def test_approximate_factories_reconstruct_and_search(bert_dir, train_tsv, tmp_p
     other = build_index(bert_dir, train_tsv, tmp_path / "other", projection="random", index_factory=factory)
     store = IndexStore.open(other.path)
     assert store.manifest["index_factory"] == factory
-    for layer in LAYERS:
+    np.testing.assert_array_equal(dense_rows(store, "embeddings"), dense_rows(flat, "embeddings"))
+    for layer in FAISS_LAYERS:
         vectors = store.vectors(layer)
         np.testing.assert_allclose(vectors, flat.vectors(layer), rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(store.vectors(layer, [4, 2]), vectors[[4, 2]])

@@ -1,6 +1,6 @@
 import numpy as np
 
-from lite_influence.token_rows import TokenRows
+from lite_influence.store.token_rows import TokenRows
 
 
 def _random_rows(rng, n, vocab, k):

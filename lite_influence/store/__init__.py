@@ -6,11 +6,13 @@ vectors stay light. Layout (DESIGN.md)::
     INDEX_DIR/
       manifest.json        format version, model fingerprint, layers and dims, build config...
       layers/NAME.faiss    one FAISS index per layer; ids are row numbers of examples.jsonl
+      layers/NAME.tokens/  the embeddings' exact token rows (indptr, tokens, values .npy)
       examples.jsonl       id, text, pair, label and every other input column
       projection.npz       fitted eigenbases and eigenvalues (pca projection only)
 
 Modules: ``atomic`` (file writes, folder swap, fault-injection points), ``manifest`` (the
-schema), ``faiss_layers`` (every FAISS call), ``reader`` (``IndexStore``), ``guard`` (what
+schema), ``faiss_layers`` (every FAISS call), ``token_rows`` (sparse exact token rows),
+``views`` (a layer as lookup scores it, whichever kind), ``reader`` (``IndexStore``), ``guard`` (what
 ``--out``/``--force`` may replace), ``lock`` (one build per ``--out``), ``writer``
 (``IndexWriter``: partial folder, resume, commit).
 """

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a layer may be of kind "tokens" (the embeddings' exact token side)
+LAYER_KINDS = ("dense", "tokens")
 MANIFEST = "manifest.json"
 METRICS = ("cosine", "dot")
 
@@ -55,6 +56,10 @@ LAYER_SCHEMA = {
     "units": (lambda v: isinstance(v, list) and all(isinstance(u, dict) and isinstance(u.get("name"), str)
                                                      for u in v), "a list of units with names"),
 }
+OPTIONAL_LAYER_SCHEMA = {  # absent in format 1 (every layer dense)
+    "kind": (lambda v: v in LAYER_KINDS, f"one of {', '.join(LAYER_KINDS)}"),
+    "entries": (lambda v: _int(v) and v >= 0, "a count"),
+}
 
 
 def _get(data: dict, dotted: str):
@@ -85,6 +90,9 @@ def problem(manifest) -> str | None:
                 if not isinstance(layer, dict) or field not in layer or not check(layer[field]):
                     value = layer.get(field, "missing") if isinstance(layer, dict) else layer
                     return f"layers[{number}].{field} is {_short(value)}, it must be {expected}"
+            for field, (check, expected) in OPTIONAL_LAYER_SCHEMA.items():
+                if field in layer and not check(layer[field]):
+                    return f"layers[{number}].{field} is {_short(layer[field])}, it must be {expected}"
             if layer["name"] in seen:
                 return f"layer '{layer['name']}' appears twice"
             seen.add(layer["name"])

@@ -15,9 +15,10 @@ import numpy as np
 
 from ..errors import UserError
 from .atomic import aside, restore_swap
-from .faiss_layers import make_reconstructable, normalise, read_faiss, search
+from .faiss_layers import normalise, search
 from .lock import BuildLock
 from .manifest import MANIFEST, read_manifest
+from .views import layer_view
 
 
 def is_index(path: Path) -> bool:
@@ -35,12 +36,12 @@ def recover(out: Path) -> None:
 
 
 class IndexStore:
-    """A built index, opened read-only: manifest, FAISS files (loaded on first use), examples."""
+    """A built index, opened read-only: manifest, layers (loaded on first use), examples."""
 
     def __init__(self, path: Path, manifest: dict):
         self.path = path
         self.manifest = manifest
-        self._faiss: dict[str, object] = {}
+        self._views: dict[str, object] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> "IndexStore":
@@ -71,29 +72,34 @@ class IndexStore:
                 return info
         raise UserError(f"unknown layer '{layer}'; this index has: {', '.join(self.layers)}")
 
+    def layer(self, layer: str):
+        """The layer's stored vectors (``views``: a FAISS index, or the embeddings' token rows)."""
+        if layer not in self._views:
+            self._views[layer] = layer_view(self.path, self.layer_info(layer), self.n, self.metric)
+        return self._views[layer]
+
     def faiss_index(self, layer: str):
-        if layer not in self._faiss:
-            info = self.layer_info(layer)
-            self._faiss[layer] = read_faiss(self.path / "layers" / f"{layer}.faiss", info["dim"], self.n)
-        return self._faiss[layer]
+        view = self.layer(layer)
+        if view.kind != "dense":
+            raise UserError(f"layer {layer} holds exact token rows, not a FAISS index.")
+        return view.index
 
     def vectors(self, layer: str, ids=None) -> np.ndarray:
-        """Stored vectors (normalised for cosine), exact for Flat/HNSW/IVF, approximate for PQ."""
-        index = self.faiss_index(layer)
-        ids = np.arange(self.n) if ids is None else np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.n):
-            raise UserError(f"ids must be in [0, {self.n}); got {ids.min()}..{ids.max()}")
-        make_reconstructable(index)
-        if ids.size == self.n and np.array_equal(ids, np.arange(self.n)):
-            return index.reconstruct_n(0, self.n)
-        return index.reconstruct_batch(ids) if ids.size else np.zeros((0, index.d), np.float32)
+        """Stored vectors of a dense layer (normalised for cosine), exact for Flat/HNSW/IVF,
+        approximate for PQ."""
+        if ids is not None:
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= self.n):
+                raise UserError(f"ids must be in [0, {self.n}); got {ids.min()}..{ids.max()}")
+        self.faiss_index(layer)
+        return self.layer(layer).vectors(ids)
 
     def prepare_queries(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         return normalise(vectors) if self.metric == "cosine" else vectors
 
     def search(self, layer: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product with each query row: (scores, ids), best first."""
+        """Top-k by inner product with each query row of a dense layer: (scores, ids), best first."""
         return search(self.faiss_index(layer), self.prepare_queries(queries), min(k, self.n))
 
     @cached_property

@@ -5,12 +5,14 @@ The partial folder holds what a resumed build needs and nothing else::
     .NAME.partial/
       progress.json        build identity (options, model, data) and batches done
       vectors/LAYER.npy    one float32 (n x dim) matrix per layer, memory-mapped, preallocated
+      vectors/LAYER.{indptr,tokens,values}.npy   the embeddings' token rows (``token_file``)
       examples.jsonl       the examples table
       projection.npz       the fitted eigenbases (pca)
       index/               staged by ``commit``: the finished index, swapped into --out
 
 Why this shape: ``commit`` never deletes or moves a source of the build before the new index
-is in place. It stages ``index/`` from the sources (FAISS files written, the rest hard-linked),
+is in place. It stages ``index/`` from the sources (FAISS files written, the rest, token rows
+included, hard-linked),
 swaps it with ``--out`` (``atomic.swap_folder``), and only then removes the partial folder,
 by renaming it away first. A kill at any step leaves either the old index at ``--out`` and a
 complete partial (``--resume`` redoes the commit: the same index as an uninterrupted build),
@@ -38,6 +40,7 @@ from .guard import check_out, target
 from .lock import BuildLock
 from .manifest import MANIFEST, problem
 from .reader import read_projection
+from .views import TOKEN_FILES, tokens_folder
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -152,6 +155,33 @@ class IndexWriter:
                 os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
         return matrix
 
+    def token_file(self, layer: str, counts: np.ndarray, dim: int) -> "TokenRowsFile":
+        """The embeddings' token rows (``token_rows``) on disk: example i owns ``counts[i]``
+        entries (its distinct tokens, known before the pass), so the files are preallocated
+        and filled batch by batch like a vector matrix, and reopened on resume."""
+        self._started()
+        folder = self.partial / "vectors"
+        indptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        nnz = int(indptr[-1])
+        files = {"indptr": (np.int64, (len(indptr),)), "tokens": (np.int64, (nnz,)), "values": (np.float32, (nnz, dim))}
+        arrays = {}
+        for name, (dtype, shape) in files.items():
+            file = folder / f"{layer}.{name}.npy"
+            try:
+                arrays[name] = np.load(file, mmap_mode="r+", allow_pickle=False) if file.is_file() else None
+            except (ValueError, OSError):
+                arrays[name] = None
+            if arrays[name] is not None and arrays[name].shape == shape and arrays[name].dtype == dtype:
+                continue
+            if self._done:
+                raise UserError(f"the token rows of layer {layer} of the interrupted build in {self.partial} are "
+                                "missing or damaged; discard it with --force (without --resume).")
+            with self._disk():
+                arrays[name] = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+        if not np.array_equal(arrays["indptr"], indptr):
+            arrays["indptr"][:] = indptr
+        return TokenRowsFile(arrays["indptr"], arrays["tokens"], arrays["values"])
+
     def write_examples(self, rows: list[dict]) -> None:
         def fill(tmp: Path) -> None:
             with open(tmp, "w", encoding="utf-8") as handle:
@@ -195,6 +225,12 @@ class IndexWriter:
         for number, layer in enumerate(manifest["layers"]):
             if on_layer:
                 on_layer(number, len(manifest["layers"]))
+            if layer.get("kind") == "tokens":
+                folder = tokens_folder(stage, layer["name"])
+                folder.mkdir()
+                for name in TOKEN_FILES:
+                    _link(self.partial / "vectors" / f"{layer['name']}.{name}.npy", folder / f"{name}.npy")
+                continue
             vectors = np.load(self.partial / "vectors" / f"{layer['name']}.npy", mmap_mode="r",
                               allow_pickle=False)
             index = make_faiss_index(np.asarray(vectors), manifest["metric"], manifest["index_factory"])
@@ -224,6 +260,26 @@ class IndexWriter:
             self._keep = True
             raise UserError(f"no space left to write the index beside '{self.given}' ({exc.strerror}); "
                             "free some space, then run the same build with --resume.") from None
+
+
+class TokenRowsFile:
+    """A build's token rows being filled: ``file[batch] = rows`` (a ``TokenRows`` of the
+    batch's examples, in batch order) writes each example's entries at its own offsets."""
+
+    def __init__(self, indptr, tokens, values):
+        self.indptr, self.tokens, self.values = indptr, tokens, values
+
+    def __setitem__(self, batch, rows) -> None:
+        for j, i in enumerate(batch):
+            start, end = int(self.indptr[i]), int(self.indptr[i + 1])
+            tokens, values = rows.row(j)
+            if len(tokens) != end - start:
+                raise RuntimeError(f"example {i} has {len(tokens)} distinct tokens in the pass, {end - start} counted")
+            self.tokens[start:end], self.values[start:end] = tokens, values
+
+    def flush(self) -> None:
+        for array in (self.indptr, self.tokens, self.values):
+            array.flush()
 
 
 def _differences(state: dict, identity: dict) -> str:

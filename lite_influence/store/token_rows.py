@@ -5,19 +5,19 @@ own tokens, so projecting its token side (random or eigen columns) only mixes ra
 each other and with frequent ones: a backdoor token, a name, a rare word is then lost in the
 sketch (DESIGN.md, "What a sketch must keep"). Instead each example keeps, for each distinct
 token t it holds, the projected output-side sum ``u[t] = sum_{x_s = t} R_out^T delta_s``
-(``k_out`` numbers). The influence of two examples is then exactly the sum over the tokens they
+(``k`` numbers). The influence of two examples is then exactly the sum over the tokens they
 share of ``<u_q[t], u_i[t]>`` (in the output sketch), which is also what the paper's TracIn_we
 computes by masking to shared tokens.
 
 Stored as CSR (``indptr``, ``tokens``, ``values``), rows sorted by token, plus a by-token order
-of the entries, so a query touches only the posting lists of its own tokens: the cost is the
-number of (example, token) entries that share a token with the query, not N x dims. Pure numpy;
-arrays may be memory-mapped.
+of the entries (computed once per process), so a query touches only the posting lists of its
+own tokens: the cost is the number of (example, token) entries that share a token with the
+query, not N x dims. Pure numpy; the arrays may be memory-mapped.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,9 +25,9 @@ import numpy as np
 @dataclass
 class TokenRows:
     indptr: np.ndarray  # (N + 1,) int64: example i owns entries indptr[i]:indptr[i+1]
-    tokens: np.ndarray  # (nnz,) int64, increasing within each example
+    tokens: np.ndarray  # (nnz,) integer ids, increasing within each example
     values: np.ndarray  # (nnz, k) float32
-    by_token: np.ndarray | None = None  # (nnz,) entry order sorted by token (stable)
+    _postings: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_lists(cls, rows: list[tuple[np.ndarray, np.ndarray]], k: int) -> "TokenRows":
@@ -53,36 +53,49 @@ class TokenRows:
     def k(self) -> int:
         return self.values.shape[1]
 
-    def _order(self) -> np.ndarray:
-        if self.by_token is None:
-            self.by_token = np.argsort(self.tokens, kind="stable")
-        return self.by_token
-
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         start, end = self.indptr[i], self.indptr[i + 1]
         return self.tokens[start:end], self.values[start:end]
 
-    def norms(self) -> np.ndarray:
-        """Each example's norm (the Frobenius norm of its sketched gradient)."""
+    def subset(self, ids) -> "TokenRows":
+        """The rows of ``ids``, in that order (a query by training-example id)."""
+        return TokenRows.from_lists([self.row(int(i)) for i in ids], self.k)
+
+    def scaled(self, factors: np.ndarray) -> "TokenRows":
+        """Each example's row times its factor (1 / norm: unit rows for cosine)."""
+        values = self.values * np.repeat(np.asarray(factors, np.float64), np.diff(self.indptr))[:, None]
+        return TokenRows(self.indptr, self.tokens, values.astype(np.float32))
+
+    def squared_norms(self) -> np.ndarray:
+        """Each example's squared norm (of its sketched gradient), in float64."""
         squares = np.einsum("ij,ij->i", self.values, self.values, dtype=np.float64)
-        return np.sqrt(np.bincount(self._example_of(), weights=squares, minlength=self.n))
+        return np.bincount(self._example_of(), weights=squares, minlength=self.n)
+
+    def norms(self) -> np.ndarray:
+        return np.sqrt(self.squared_norms())
 
     def _example_of(self) -> np.ndarray:
         return np.repeat(np.arange(self.n), np.diff(self.indptr))
 
+    def postings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(entry order sorted by token, tokens in that order, their examples), once."""
+        if self._postings is None:
+            order = np.argsort(self.tokens, kind="stable")
+            self._postings = (order, np.asarray(self.tokens)[order], self._example_of()[order])
+        return self._postings
+
     def scores(self, tokens: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Inner products of one query (its distinct tokens and their vectors) with every
         example, in float64: only the posting lists of the query's tokens are read."""
-        order = self._order()
-        sorted_tokens, example_of = self.tokens[order], self._example_of()
+        order, sorted_tokens, examples = self.postings()
         out = np.zeros(self.n, np.float64)
         starts = np.searchsorted(sorted_tokens, tokens, side="left")
         ends = np.searchsorted(sorted_tokens, tokens, side="right")
         for q, (start, end) in enumerate(zip(starts, ends)):
             if end > start:
                 entries = order[start:end]
-                out += np.bincount(example_of[entries], weights=self.values[entries] @ values[q].astype(np.float64),
-                                   minlength=self.n)
+                weights = np.asarray(self.values[entries], np.float64) @ np.asarray(values[q], np.float64)
+                out += np.bincount(examples[start:end], weights=weights, minlength=self.n)
         return out
 
     def gram(self, other: "TokenRows") -> np.ndarray:
