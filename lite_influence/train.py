@@ -75,7 +75,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import TrainConfig
+from .config import TrainConfig, truthy
 from .data import flip_labels, label_id, load_examples, write_rows
 from .errors import UserError
 from .store.atomic import remove, swap_folder, write_json
@@ -92,7 +92,6 @@ MAX_GRAD_NORM = 1.0
 BUCKET_BATCHES = 50
 LORA_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q_lin", "v_lin"),
                 ("query_key_value",))
-_TRUE = {"1", "1.0", "true", "yes", "y"}
 
 
 @dataclass
@@ -281,7 +280,7 @@ def _noisy_training_set(train, config: TrainConfig, loaded: LoadedModel):
             clean = label_id(row["label_original"], loaded.label2id, where=" in column 'label_original'")
             is_noisy = int(new) != clean
         else:
-            is_noisy = bool(was_flipped) or (has_noisy and str(row["noisy"]).strip().lower() in _TRUE)
+            is_noisy = bool(was_flipped) or (has_noisy and truthy(row["noisy"]))
         rows.append({**row, label_col: written, "noisy": int(is_noisy),
                      "label_original": row["label_original"] if has_original else value})
         noisy.append(is_noisy)

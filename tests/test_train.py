@@ -200,6 +200,20 @@ def test_retraining_on_train_used_keeps_the_ground_truth(word_bert, tmp_path):
     assert first.n_noisy == again.n_noisy == 3
 
 
+def test_input_noisy_flags_are_read_with_config_truthy(word_bert, tmp_path):
+    """train_used's ``noisy`` is the OR of this run's flips and the input's flags, and the input's
+    are read as every other command reads a flag (config.truthy): "t" and "TRUE" count too."""
+    from lite_influence.config import truthy
+
+    flags = ["1", "1.0", "true", "t", "TRUE", " yes ", "y", "0", "", "no", "false", "f"]
+    rows = [{**row, "noisy": flag} for row, flag in zip(rule_rows(len(flags), seed=3), flags)]
+    train = write_tsv(tmp_path / "train.tsv", rows)
+    result = train_model(word_bert, train, tmp_path / "model", epochs=1)
+    used, _ = read_rows(tmp_path / "model" / "train_used.tsv")
+    assert [r["noisy"] for r in used] == [str(int(truthy(flag))) for flag in flags]
+    assert [r["noisy"] for r in used] == ["1"] * 7 + ["0"] * 5 and result.n_noisy == 7
+
+
 def test_new_head_of_num_labels(tmp_path, bert_dir):
     base = tmp_path / "base"
     torch.manual_seed(0)
