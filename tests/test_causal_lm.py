@@ -236,6 +236,16 @@ def test_encoding_masks_the_prompt_and_keeps_the_completion():
     assert "labels" not in model_inputs(batch)
 
 
+def test_max_length_one_leaves_nothing_to_predict():
+    """One token has no token before it: the refusal names --max-length, not the tokenizer."""
+    loaded = LoadedModel(tiny_lm("llama"), word_tokenizer(), "causal-lm", "")
+    with pytest.raises(UserError, match=r"--max-length 1 leaves no token to predict.*--max-length 2 or more"):
+        encode(loaded, ["good movie ->"], None, 1, completions=[" bad plot"])
+    (two,) = encode(loaded, ["good movie ->"], None, 2, completions=[" bad plot"])
+    tok = loaded.tokenizer.convert_tokens_to_ids
+    assert two == {"input_ids": [tok("->"), tok("bad")], "labels": [-100, tok("bad")]}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_masked_positions_carry_no_gradient_whatever_their_tokens(arch):
     """The logits' gradient is exactly zero at every position whose next token is a prompt
