@@ -11,6 +11,7 @@ with them), and a resumed build must match the whole record (``IndexWriter.resum
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,7 @@ import numpy as np
 from . import __version__
 from .config import BuildConfig
 from .data import fingerprint_file
+from .errors import InputWarning
 from .store import FORMAT_VERSION, IndexStore, IndexWriter
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -62,6 +64,7 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
                                 label2id=loaded.label2id, limit=config.limit)
     units = select_units(discover_units(loaded.model), config.layers)
     layers = assign_layers(units, config.granularity)
+    _warn_clamped(loaded, units, layers, config)
     encodings = encode(loaded, examples.texts, examples.pairs, config.max_length,
                        completions=examples.completions, source=f" of {train_file}")
     batches = length_batches([len(e["input_ids"]) for e in encodings], config.batch_size)
@@ -83,6 +86,16 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
 
 
 LOSS = object()  # the key of the per-example loss column among the layers' matrices
+
+
+def _warn_clamped(loaded, units, layers, config: BuildConfig) -> None:
+    """--proj-dim wider than the model: kept at full width, said before the long passes."""
+    from .projection import clamp_note
+
+    hidden = getattr(loaded.model.config, "hidden_size", None)
+    note = clamp_note(units, layers, config.proj_dim, config.exact_max, hidden if isinstance(hidden, int) else None)
+    if note:
+        warnings.warn(InputWarning(note), stacklevel=2)
 
 
 def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done, matrices,

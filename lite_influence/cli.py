@@ -8,6 +8,7 @@ import functools
 import inspect
 import json
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from .config import AuditConfig, BuildConfig, QueryConfig, ServeConfig, TrainConfig, cli_parameters
 from . import render
-from .errors import UserError
+from .errors import InputWarning, UserError
 from .render import console
 
 app = typer.Typer(
@@ -338,10 +339,27 @@ def _interrupted(argv: list[str]) -> str:
             "serve": "the server stopped."}.get(command, "nothing was written.")
 
 
+@contextmanager
+def _warnings_as_lines():
+    """An ``InputWarning`` is one yellow line on stderr, every time; other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", InputWarning)
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, InputWarning):
+                return previous(message, category, filename, lineno, file, line)
+            err.print(f"[yellow]warning:[/] {shown(str(message))}", highlight=False, soft_wrap=True)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors onto exit codes 1 (user error), 2 (bug), 130 (Ctrl-C)."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        with _warnings_as_lines():
+            code = app(args=argv, standalone_mode=False)
     except USAGE_ERRORS as exc:
         exc.show()
         sys.exit(1)
