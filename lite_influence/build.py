@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .config import BuildConfig
-from .data import fingerprint_file
+from .data import fingerprint_file, with_label_ids
 from .errors import InputWarning
 from .store import FORMAT_VERSION, IndexStore, IndexWriter
 
@@ -56,12 +56,17 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
            progress: Progress) -> dict:
     from .gradients import length_batches
     from .layers import assign_layers, discover_units, select_units
-    from .models import encode, load_model, model_fingerprint
+    from .models import encode, folder_task, load_model, model_fingerprint
+    from .tasks import task_of
 
+    task = folder_task(model_dir, config.task)
+    examples = _read(task_of(task), train_file, config) if task else None  # before the model's seconds
     loaded = load_model(model_dir, task=config.task, num_labels=config.num_labels, seed=config.seed)
-    examples = loaded.kind.read(train_file, text_col=config.text_col, pair_col=config.pair_col,
-                                label_col=config.label_col, completion_col=config.completion_col,
-                                label2id=loaded.label2id, limit=config.limit)
+    if examples is None or loaded.task != task:
+        examples = _read(loaded.kind, train_file, config)
+    examples = with_label_ids(examples, loaded.label2id, train_file, unnamed_hint=(
+        "label the rows with class ids (0, 1, ...), or fine-tune first with `lite-influence train "
+        "--label-names` so that the model knows the names."))
     units = select_units(discover_units(loaded.model), config.layers)
     layers = assign_layers(units, config.granularity)
     _warn_clamped(loaded, units, layers, config)
@@ -86,6 +91,13 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
 
 
 LOSS = object()  # the key of the per-example loss column among the layers' matrices
+
+
+def _read(kind, train_file: Path, config: BuildConfig):
+    """The training rows, every column and text checked, labels as written (the model's
+    label2id names them once it is loaded: ``data.with_label_ids``)."""
+    return kind.read(train_file, text_col=config.text_col, pair_col=config.pair_col, label_col=config.label_col,
+                     completion_col=config.completion_col, limit=config.limit, raw_labels=True)
 
 
 def _warn_clamped(loaded, units, layers, config: BuildConfig) -> None:

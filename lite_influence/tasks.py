@@ -57,12 +57,13 @@ class ClassificationTask:
     target = "label"  # what a query's proponents push towards
 
     def read(self, path, *, text_col=None, pair_col=None, label_col=None, completion_col=None,
-             label2id=None, limit=None, queries=False):
-        """Rows of a data file; ``queries``: the label column may be missing (predicted)."""
+             label2id=None, limit=None, queries=False, raw_labels=False):
+        """Rows of a data file; ``queries``: the label column may be missing (predicted);
+        ``raw_labels``: labels as written, for ``data.with_label_ids`` once the model is loaded."""
         from .data import load_examples
 
         return load_examples(path, text_col=text_col, pair_col=pair_col, label_col=label_col,
-                             label2id=label2id, limit=limit, require_label=not queries)
+                             label2id=label2id, limit=limit, require_label=not queries, raw_labels=raw_labels)
 
     def check_query(self, *, pair=None, label=None, completion=None) -> None:
         if completion is not None:
@@ -139,8 +140,8 @@ class CausalLMTask:
     target = "completion"
 
     def read(self, path, *, text_col=None, pair_col=None, label_col=None, completion_col=None,
-             label2id=None, limit=None, queries=False):
-        """Prompt + completion rows; ``queries``: a completion may be missing (greedy)."""
+             label2id=None, limit=None, queries=False, raw_labels=False):
+        """Prompt + completion rows (no labels); ``queries``: a completion may be missing (greedy)."""
         from .data import load_lm_examples
 
         if pair_col is not None:

@@ -56,3 +56,44 @@ def test_proj_dim_wider_than_the_model_is_said_once_with_the_stored_dims(bert_di
     code, _, err = run_cli(capsys, "-q", "build", bert_dir, train_tsv, "--out", tmp_path / "default",
                            "--projection", "random", "--exact-max", "0")
     assert code == 0 and err == "", err
+
+
+@pytest.mark.parametrize("data, words", [
+    ("review\tlabel\ngood film\t1\n", "no text column"),
+    (b"sentence\tlabel\ncaf\xe9 film\t1\n", "not UTF-8"),
+    ("sentence\tlabel\ngood film\t\n", "no label in column 'label'"),
+])
+def test_a_bad_data_file_is_reported_before_the_model_loads(bert_dir, tmp_path, monkeypatch, data, words):
+    """Reading the file takes milliseconds, loading a model seconds: the file's error comes first."""
+    import lite_influence.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data file was checked")
+
+    monkeypatch.setattr(lite_influence.models, "load_model", no_model)
+    train = tmp_path / "train.tsv"
+    (train.write_bytes if isinstance(data, bytes) else train.write_text)(data)
+    with pytest.raises(UserError, match=words):
+        build_index(bert_dir, train, tmp_path / "idx", projection="random")
+
+
+def test_label_names_for_a_head_without_names_point_at_train_label_names(tmp_path, bert_dir):
+    """A new head's classes are LABEL_0, LABEL_1: a file that names its classes says how to name them."""
+    import shutil
+
+    import torch
+    import transformers
+    from conftest import tiny_config
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_config("bert")).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        if (bert_dir / name).is_file():
+            shutil.copy(bert_dir / name, base / name)
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\ngood film\tBusiness\nbad plot\tSports\n")
+    with pytest.raises(UserError, match=r"label 'Business' in row 1 of .*train\.tsv is a name, but the model's "
+                                        r"classes have none yet \(0 \(LABEL_0\), 1 \(LABEL_1\).*"
+                                        r"lite-influence train --label-names"):
+        build_index(base, train, tmp_path / "idx", projection="random")
