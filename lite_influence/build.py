@@ -61,7 +61,9 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
 
     task = folder_task(model_dir, config.task)
     examples = _read(task_of(task), train_file, config) if task else None  # before the model's seconds
+    progress("model", 0, 1)
     loaded = load_model(model_dir, task=config.task, num_labels=config.num_labels, seed=config.seed)
+    progress("model", 1, 1)
     if examples is None or loaded.task != task:
         examples = _read(loaded.kind, train_file, config)
     examples = with_label_ids(examples, loaded.label2id, train_file, unnamed_hint=(

@@ -18,12 +18,12 @@ import click
 import typer
 from rich.console import Console
 from .terminal import shown
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .config import AuditConfig, BuildConfig, QueryConfig, ServeConfig, TrainConfig, cli_parameters
 from . import render
 from .errors import InputWarning, UserError
+from .progress import reporting
 from .render import console
 
 app = typer.Typer(
@@ -76,33 +76,9 @@ def options_of(cls, param: str = "config"):
     return wrap
 
 
-@contextmanager
 def _progress():
-    """A progress callback ``(stage, done, total)`` drawn as rich bars with examples/s."""
-    if STATE["quiet"]:
-        yield lambda stage, done, total: None
-        return
-    labels = {"fit": "fitting eigenbasis", "gradients": "projected gradients", "faiss": "writing FAISS"}
-    columns = (TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    bar = Progress(*columns, console=err, transient=False)
-    tasks = {}
-
-    def update(stage, done, total):
-        if not tasks:  # started on first use: an input error stays the only line on stderr
-            bar.start()
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(labels.get(stage, stage), total=total, rate="")
-        task = bar.tasks[tasks[stage]]
-        rate = done / task.elapsed if task.elapsed else 0
-        bar.update(tasks[stage], completed=done, total=total,
-                   rate=f"{rate:,.1f} ex/s" if stage != "faiss" else "")
-
-    try:
-        yield update
-    finally:
-        if tasks:
-            bar.stop()
+    """The progress callback of a command (progress.py: bars, a spinner, or plain lines in a log)."""
+    return reporting(err, quiet=STATE["quiet"])
 
 
 @app.command(epilog="Example: lite-influence build ./my-model train.tsv --out runs/index --projection pca --proj-dim 8")
@@ -220,10 +196,12 @@ def query(
         pass
     elif file is not None:
         examples = index.kind.read(file, label2id=index.label2id, queries=True)
-        result = index.query(examples.texts, examples.pairs, examples.labels or [None] * len(examples), config,
-                             completion=examples.completions)
+        with _progress() as index.progress:  # the spinner while the model loads
+            result = index.query(examples.texts, examples.pairs, examples.labels or [None] * len(examples), config,
+                                 completion=examples.completions)
     else:
-        result = index.query(text, pair, label, config, completion=completion)
+        with _progress() as index.progress:
+            result = index.query(text, pair, label, config, completion=completion)
     _show(result, index, as_json)
 
 
@@ -271,6 +249,7 @@ def audit(
 
     index = InfluenceIndex.open(index_dir, model=model)
     with _progress() as progress:
+        index.progress = progress  # the spinner while the model loads
         result = index.audit(query_file, config, progress=progress)
     if export:
         result.export(export, index.examples)

@@ -136,7 +136,9 @@ def train_model(model: str | Path, train_file: str | Path, out: str | Path,
     columns = dict(text_col=config.text_col, pair_col=config.pair_col, label_col=config.label_col, raw_labels=True)
     train = load_examples(train_file, limit=config.limit, **columns)  # checked before the model's seconds
     evaluation = load_examples(config.eval_file, **columns) if config.eval_file is not None else None
+    progress("model", 0, 1)
     loaded = load_model(model, task="classification", num_labels=config.num_labels, seed=config.seed, label_names=names)
+    progress("model", 1, 1)
     if loaded.num_labels < 2:
         raise UserError(f"the model's head has {loaded.num_labels} output but a classifier needs at "
                         "least 2 classes; pass --num-labels 2 or more for a model folder without a head.")

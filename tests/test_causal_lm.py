@@ -338,6 +338,7 @@ def exact_index_vectors(folder, rows, layers):
             for layer in layers}
 
 
+@pytest.mark.filterwarnings("ignore::lite_influence.errors.InputWarning")  # full width is the point here
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_build_stores_exact_vectors_at_full_width(arch, lm_dirs, lm_train, tmp_path):
     index = build_index(lm_dirs[arch], lm_train, tmp_path / "index", projection="random", proj_dim=100,
