@@ -46,7 +46,13 @@ Decisions where the design was silent:
 - The model is always loaded as a sequence classifier (``task="classification"``): a causal-LM
   folder (GPT-2, Llama) gets a new classification head, as before causal LMs were indexable.
 - The model's label names (``id2label``) are whatever ``load_model`` produced: the folder's
-  own, or ``LABEL_0..`` for a new head.
+  own, or ``LABEL_0..`` for a new head. A file that names its classes ("Business") for such a
+  head is refused with the ``--label-names`` to pass (the names it uses, first seen first).
+- The training and eval files are read and checked (columns, texts, a label in every row)
+  before the model loads, which takes seconds; their labels become ids once the model's
+  ``label2id`` is known (``data.with_label_ids``).
+- An input ``noisy`` flag is true as ``config.truthy`` reads it (1, 1.0, true, yes, y, t), as
+  audit reads the same column.
 - LoRA targets are found by module name: ``query``/``value`` (BERT, RoBERTa, ...),
   ``q_proj``/``v_proj`` (Llama, Mistral, OPT, ...), ``c_attn`` (GPT-2), ``q_lin``/``v_lin``
   (DistilBERT), ``query_key_value`` (GPT-NeoX, Falcon). The head is every child of the model
