@@ -439,10 +439,10 @@ def with_label_ids(examples: Examples, label2id: dict[str, int] | None, path, *,
     labels = []
     for row, value in enumerate(examples.labels, start=1):
         where = f" in row {row} of {path}"
-        if unnamed_hint and label2id and unnamed(label2id) and isinstance(value, str) and _as_int(value) is None:
-            if value not in label2id:
-                raise UserError(f"label {_show(value)}{where} is a name, but the model's classes have none yet "
-                                f"({_label_list(label2id)}: a new head's); {unnamed_hint}")
+        named = isinstance(value, str) and _as_int(value) is None and value not in (label2id or {})
+        if named and unnamed_hint and label2id and unnamed(label2id):
+            raise UserError(f"label {_show(value)}{where} is a name, but the model's classes have none yet "
+                            f"({_label_list(label2id)}: a new head's); {unnamed_hint}")
         labels.append(label_id(value, label2id, where=where))
     return replace(examples, labels=labels)
 
