@@ -35,6 +35,7 @@ class InfluenceIndex:
         self.store = store
         self._model_path = model
         self._session = None
+        self.progress: Progress | None = None  # hears stage "model" around the model's loading (the CLI's spinner)
 
     @classmethod
     def open(cls, path: str | Path, model: str | Path | None = None) -> "InfluenceIndex":
@@ -101,7 +102,10 @@ class InfluenceIndex:
         if self._session is None:
             from .session import Session
 
+            report = self.progress or (lambda stage, done, total: None)
+            report("model", 0, 1)
             self._session = Session(self.manifest, self.store, self._model_path)
+            report("model", 1, 1)
         return self._session
 
     def gradients(self, texts: list[str], pairs: list[str] | None = None,

@@ -11,6 +11,7 @@ with them), and a resumed build must match the whole record (``IndexWriter.resum
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,8 @@ import numpy as np
 
 from . import __version__
 from .config import BuildConfig
-from .data import fingerprint_file
+from .data import fingerprint_file, with_label_ids
+from .errors import InputWarning
 from .store import FORMAT_VERSION, IndexStore, IndexWriter
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -54,14 +56,22 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
            progress: Progress) -> dict:
     from .gradients import length_batches
     from .layers import assign_layers, discover_units, select_units
-    from .models import encode, load_model, model_fingerprint
+    from .models import encode, folder_task, load_model, model_fingerprint
+    from .tasks import task_of
 
+    task = folder_task(model_dir, config.task)
+    examples = _read(task_of(task), train_file, config) if task else None  # before the model's seconds
+    progress("model", 0, 1)
     loaded = load_model(model_dir, task=config.task, num_labels=config.num_labels, seed=config.seed)
-    examples = loaded.kind.read(train_file, text_col=config.text_col, pair_col=config.pair_col,
-                                label_col=config.label_col, completion_col=config.completion_col,
-                                label2id=loaded.label2id, limit=config.limit)
+    progress("model", 1, 1)
+    if examples is None or loaded.task != task:
+        examples = _read(loaded.kind, train_file, config)
+    examples = with_label_ids(examples, loaded.label2id, train_file, unnamed_hint=(
+        "label the rows with class ids (0, 1, ...), or fine-tune first with `lite-influence train "
+        "--label-names` so that the model knows the names."))
     units = select_units(discover_units(loaded.model), config.layers)
     layers = assign_layers(units, config.granularity)
+    _warn_clamped(loaded, units, layers, config)
     encodings = encode(loaded, examples.texts, examples.pairs, config.max_length,
                        completions=examples.completions, source=f" of {train_file}")
     batches = length_batches([len(e["input_ids"]) for e in encodings], config.batch_size)
@@ -94,6 +104,23 @@ def token_layers(layers: dict, projectors: dict) -> set[str]:
 
 
 LOSS = object()  # the key of the per-example loss column among the layers' matrices
+
+
+def _read(kind, train_file: Path, config: BuildConfig):
+    """The training rows, every column and text checked, labels as written (the model's
+    label2id names them once it is loaded: ``data.with_label_ids``)."""
+    return kind.read(train_file, text_col=config.text_col, pair_col=config.pair_col, label_col=config.label_col,
+                     completion_col=config.completion_col, limit=config.limit, raw_labels=True)
+
+
+def _warn_clamped(loaded, units, layers, config: BuildConfig) -> None:
+    """--proj-dim wider than the model: kept at full width, said before the long passes."""
+    from .projection import clamp_note
+
+    hidden = getattr(loaded.model.config, "hidden_size", None)
+    note = clamp_note(units, layers, config.proj_dim, config.exact_max, hidden if isinstance(hidden, int) else None)
+    if note:
+        warnings.warn(InputWarning(note), stacklevel=2)
 
 
 def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done, matrices,

@@ -8,6 +8,7 @@ import functools
 import inspect
 import json
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -17,12 +18,12 @@ import click
 import typer
 from rich.console import Console
 from .terminal import shown
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .config import AuditConfig, BuildConfig, QueryConfig, ServeConfig, TrainConfig, cli_parameters
 from . import render
-from .errors import UserError
+from .errors import InputWarning, UserError
+from .progress import reporting
 from .render import console
 
 app = typer.Typer(
@@ -75,33 +76,9 @@ def options_of(cls, param: str = "config"):
     return wrap
 
 
-@contextmanager
 def _progress():
-    """A progress callback ``(stage, done, total)`` drawn as rich bars with examples/s."""
-    if STATE["quiet"]:
-        yield lambda stage, done, total: None
-        return
-    labels = {"fit": "fitting eigenbasis", "gradients": "projected gradients", "faiss": "writing FAISS"}
-    columns = (TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    bar = Progress(*columns, console=err, transient=False)
-    tasks = {}
-
-    def update(stage, done, total):
-        if not tasks:  # started on first use: an input error stays the only line on stderr
-            bar.start()
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(labels.get(stage, stage), total=total, rate="")
-        task = bar.tasks[tasks[stage]]
-        rate = done / task.elapsed if task.elapsed else 0
-        bar.update(tasks[stage], completed=done, total=total,
-                   rate=f"{rate:,.1f} ex/s" if stage != "faiss" else "")
-
-    try:
-        yield update
-    finally:
-        if tasks:
-            bar.stop()
+    """The progress callback of a command (progress.py: bars, a spinner, or plain lines in a log)."""
+    return reporting(err, quiet=STATE["quiet"])
 
 
 @app.command(epilog="Example: lite-influence build ./my-model train.tsv --out runs/index --projection pca --proj-dim 8")
@@ -222,10 +199,12 @@ def query(
         pass
     elif file is not None:
         examples = index.kind.read(file, label2id=index.label2id, queries=True)
-        result = index.query(examples.texts, examples.pairs, examples.labels or [None] * len(examples), config,
-                             completion=examples.completions)
+        with _progress() as index.progress:  # the spinner while the model loads
+            result = index.query(examples.texts, examples.pairs, examples.labels or [None] * len(examples), config,
+                                 completion=examples.completions)
     else:
-        result = index.query(text, pair, label, config, completion=completion)
+        with _progress() as index.progress:
+            result = index.query(text, pair, label, config, completion=completion)
     _show(result, index, as_json)
 
 
@@ -273,6 +252,7 @@ def audit(
 
     index = InfluenceIndex.open(index_dir, model=model)
     with _progress() as progress:
+        index.progress = progress  # the spinner while the model loads
         result = index.audit(query_file, config, progress=progress)
     if export:
         result.export(export, index.examples)
@@ -341,10 +321,27 @@ def _interrupted(argv: list[str]) -> str:
             "serve": "the server stopped."}.get(command, "nothing was written.")
 
 
+@contextmanager
+def _warnings_as_lines():
+    """An ``InputWarning`` is one yellow line on stderr, every time; other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", InputWarning)
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, InputWarning):
+                return previous(message, category, filename, lineno, file, line)
+            err.print(f"[yellow]warning:[/] {shown(str(message))}", highlight=False, soft_wrap=True)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors onto exit codes 1 (user error), 2 (bug), 130 (Ctrl-C)."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        with _warnings_as_lines():
+            code = app(args=argv, standalone_mode=False)
     except USAGE_ERRORS as exc:
         exc.show()
         sys.exit(1)

@@ -40,7 +40,7 @@ import csv
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -54,6 +54,7 @@ __all__ = [
     "load_examples",
     "load_lm_examples",
     "label_id",
+    "with_label_ids",
     "flip_labels",
     "stratified_sample",
     "fingerprint_file",
@@ -280,9 +281,13 @@ class Examples:
 
 
 def load_examples(path, *, text_col=None, pair_col=None, label_col=None,
-                  label2id: dict[str, int] | None = None, require_label=True, limit=None) -> Examples:
+                  label2id: dict[str, int] | None = None, require_label=True, limit=None,
+                  raw_labels=False) -> Examples:
     """Picks the columns (guessing the usual names) and validates only the rows that are kept,
-    so a quick ``limit`` run on a huge file stays quick."""
+    so a quick ``limit`` run on a huge file stays quick. ``raw_labels``: every label is checked
+    to be there but kept as written, for ``with_label_ids`` once the model's label2id is known:
+    build and train read and check their files this way before the model loads (seconds), so
+    a bad file is the first and only error."""
     rows, columns = read_rows(path)
     text_col = _text_column(columns, text_col, path)
     pair_col = _given_column(columns, pair_col, "--pair-col", path) if pair_col is not None else None
@@ -292,7 +297,7 @@ def load_examples(path, *, text_col=None, pair_col=None, label_col=None,
     pairs = [_text(r[pair_col], i, pair_col, path) for i, r in enumerate(rows, start=1)] if pair_col else None
     labels = None
     if label_col is not None:
-        labels = [_row_label(r[label_col], label2id, i, label_col, path) for i, r in enumerate(rows, start=1)]
+        labels = [_row_label(r[label_col], label2id, i, label_col, path, raw_labels) for i, r in enumerate(rows, start=1)]
     _check_unique_ids(rows, columns, path)
     used = tuple(c for c in (text_col, pair_col, label_col) if c is not None)
     return Examples(texts=texts, pairs=pairs, labels=labels, rows=rows, columns=list(columns),
@@ -419,10 +424,38 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _row_label(value, label2id, row: int, column: str, path) -> int:
+def _row_label(value, label2id, row: int, column: str, path, raw: bool = False):
     if _missing(value) or (isinstance(value, str) and not value.strip()):
         raise UserError(f"row {row} of {path} has no label in column {column!r}; fill it in or remove the row.")
-    return label_id(value, label2id, where=f" in row {row} of {path}")
+    return value if raw else label_id(value, label2id, where=f" in row {row} of {path}")
+
+
+def with_label_ids(examples: Examples, label2id: dict[str, int] | None, path, *, unnamed_hint: str = "") -> Examples:
+    """The labels of ``load_examples(raw_labels=True)`` as ids of ``label2id``. A label name
+    given to a head whose classes have no names (``unnamed``: a new head) cannot be any class
+    yet; ``unnamed_hint`` says how the command names them (train: ``--label-names``)."""
+    if examples.labels is None:
+        return examples
+    labels = []
+    for row, value in enumerate(examples.labels, start=1):
+        where = f" in row {row} of {path}"
+        named = isinstance(value, str) and _as_int(value) is None and value not in (label2id or {})
+        if named and unnamed_hint and label2id and unnamed(label2id):
+            raise UserError(f"label {_show(value)}{where} is a name, but the model's classes have none yet "
+                            f"({_label_list(label2id)}: a new head's); {unnamed_hint}")
+        labels.append(label_id(value, label2id, where=where))
+    return replace(examples, labels=labels)
+
+
+def unnamed(label2id: dict[str, int]) -> bool:
+    """Whether the classes carry transformers' placeholder names (LABEL_0, LABEL_1, ...)."""
+    return all(name == f"LABEL_{i}" for name, i in label2id.items())
+
+
+def label_names_in(examples: Examples, most: int = 10) -> list[str]:
+    """The distinct label names of raw labels, in first-seen order (for a hint)."""
+    names = dict.fromkeys(v for v in examples.labels or () if isinstance(v, str) and _as_int(v) is None)
+    return list(names)[:most]
 
 
 # ---------------------------------------------------------------- labels

@@ -9,3 +9,9 @@ Keep messages to one sentence that says what was wrong and how to fix it.
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
+
+
+class InputWarning(UserWarning):
+    """An input that is accepted but does not do all it seems to ask (``--proj-dim`` wider than
+    a unit): the build goes on, and the user is told once. The CLI prints it as one
+    ``warning:`` line on stderr; from Python it is an ordinary ``warnings`` warning."""

@@ -143,10 +143,31 @@ def legacy_fingerprint(path: str | Path) -> str:
 
 
 def detect_task(config) -> str:
-    architectures = getattr(config, "architectures", None) or []
+    """The task of a transformers config (or of a config.json read as a dict)."""
+    architectures = (config.get("architectures") if isinstance(config, dict)
+                     else getattr(config, "architectures", None)) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "causal-lm"
     return "classification"
+
+
+def folder_task(path: str | Path, task: str | None = None) -> str | None:
+    """The task ``load_model(path, task)`` gives, from the folder's JSON files alone (no
+    weights, no transformers), so a command can read and check its data file before the
+    seconds a model takes to load; None when the folder cannot tell (``load_model`` then
+    says what is wrong with it)."""
+    if task is not None:
+        return task if task in TASKS else None
+    folder = Path(path)
+    try:
+        if is_adapter(folder):
+            given = _PEFT_TASKS.get(_adapter_config(folder).get("task_type") or "")
+            if given:
+                return given
+            folder = adapter_base(folder)
+        return detect_task(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError, UserError):
+        return None
 
 
 def load_model(path: str | Path, task: str | None = None, num_labels: int | None = None,

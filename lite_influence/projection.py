@@ -226,13 +226,47 @@ def pca_fits(unit: Unit, side: str) -> bool:
     return (unit.in_dim if side == "in" else unit.out_dim) <= MAX_COVARIANCE_DIM
 
 
+def stored_whole(unit: Unit, proj_dim: int, exact_max: int = 0) -> bool:
+    """A matrix with one side already no wider than ``proj_dim`` (kept exactly anyway) and at
+    most ``exact_max`` numbers in all: a classifier head, a small LoRA matrix. Storing those
+    whole costs little, and the projection of their other side was the only thing lost."""
+    return min(unit.in_dim, unit.out_dim) <= proj_dim and unit.in_dim * unit.out_dim <= exact_max
+
+
 def unit_k(unit: Unit, proj_dim: int, exact_max: int = 0) -> int:
-    """Dims kept per side of a unit: ``proj_dim``, or all of them for a matrix with one side
-    already no wider than ``proj_dim`` (kept exactly anyway) and at most ``exact_max`` numbers
-    in all: a classifier head, a small LoRA matrix. Storing those whole costs little, and the
-    projection of their other side was the only thing lost."""
-    small = min(unit.in_dim, unit.out_dim) <= proj_dim and unit.in_dim * unit.out_dim <= exact_max
-    return max(unit.in_dim, unit.out_dim) if small else proj_dim
+    """Dims kept per side of a unit: ``proj_dim``, or all of them when ``stored_whole``. A
+    side no wider than k is the identity (``Side``), so it keeps min(k, width) dims."""
+    return max(unit.in_dim, unit.out_dim) if stored_whole(unit, proj_dim, exact_max) else proj_dim
+
+
+def unit_dim(unit: Unit, proj_dim: int, exact_max: int = 0) -> int:
+    """Numbers one example's vector holds for this unit, as its projector will have them."""
+    k = unit_k(unit, proj_dim, exact_max)
+    return min(k, unit.in_dim) * min(k, unit.out_dim)
+
+
+def clamp_note(units: list[Unit], layers: dict[str, list[Unit]], proj_dim: int, exact_max: int,
+               hidden: int | None) -> str | None:
+    """One line when ``proj_dim`` is wider than sides of the model's width, which are then kept
+    at their full width (the identity: exact, but fewer dims than --proj-dim asks for); None
+    otherwise. Only sides at least ``hidden`` wide count: a head's class side (2 < 8) or a LoRA
+    rank side narrower than proj_dim is the documented, expected case, not a request cut
+    short; units stored whole by --exact-max are what that option asks for. Said at build
+    time, before the fitting pass, with the dims the index will store."""
+    if not hidden:
+        return None
+    clamped = [u for u in units if not stored_whole(u, proj_dim, exact_max)
+               and any(hidden <= side < proj_dim for side in (u.in_dim, u.out_dim))]
+    if not clamped:
+        return None
+    blocks = {name: us for name, us in layers.items() if name == f"block{us[0].block}"}
+    scope, where = (blocks, "block") if blocks else (layers, "layer")
+    sizes = sorted({(sum(unit_dim(u, proj_dim, exact_max) for u in us), len(us) * proj_dim**2)
+                    for us in scope.values()})
+    (low, asked), (high, _) = sizes[0], sizes[-1]
+    stored = f"{low:,} dims per {where} instead of {asked:,}" if len(sizes) == 1 else f"{low:,}-{high:,} dims per {where}"
+    return (f"--proj-dim {proj_dim} exceeds the sides of {len(clamped)} unit{'s' * (len(clamped) > 1)} "
+            f"(hidden {hidden}); they are stored at their full width, {stored}.")
 
 
 def keeps_tokens(unit: Unit, token_dim: int) -> bool:

@@ -57,12 +57,13 @@ class ClassificationTask:
     target = "label"  # what a query's proponents push towards
 
     def read(self, path, *, text_col=None, pair_col=None, label_col=None, completion_col=None,
-             label2id=None, limit=None, queries=False):
-        """Rows of a data file; ``queries``: the label column may be missing (predicted)."""
+             label2id=None, limit=None, queries=False, raw_labels=False):
+        """Rows of a data file; ``queries``: the label column may be missing (predicted);
+        ``raw_labels``: labels as written, for ``data.with_label_ids`` once the model is loaded."""
         from .data import load_examples
 
         return load_examples(path, text_col=text_col, pair_col=pair_col, label_col=label_col,
-                             label2id=label2id, limit=limit, require_label=not queries)
+                             label2id=label2id, limit=limit, require_label=not queries, raw_labels=raw_labels)
 
     def check_query(self, *, pair=None, label=None, completion=None) -> None:
         if completion is not None:
@@ -72,8 +73,10 @@ class ClassificationTask:
         """Tokenised examples, truncated but not padded (each batch pads to its own longest)."""
         from .models import token_limit
 
+        limit = token_limit(loaded, max_length)
+        check_room(loaded.tokenizer, limit, max_length, pairs is not None)
         args = (texts, pairs) if pairs is not None else (texts,)
-        encoded = loaded.tokenizer(*args, truncation=True, max_length=token_limit(loaded, max_length))
+        encoded = loaded.tokenizer(*args, truncation=True, max_length=limit)
         keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
         return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
 
@@ -114,13 +117,31 @@ class ClassificationTask:
                                "probability": float(probabilities[grads.predicted[i]])}}
 
 
+def check_room(tokenizer, limit: int, max_length: int, pair: bool) -> None:
+    """Refuse a --max-length that leaves no token of text. The tokenizer adds its special
+    tokens ([CLS] and [SEP]; [CLS] a [SEP] b [SEP] for a pair) to every example; with a limit
+    of exactly that many, every example is those tokens alone, so every training example has
+    the same gradient and every influence is a tie; below it, transformers' tokenizers do not
+    truncate at all and the limit is silently ignored. The rule is on the tokenizer, not on
+    the data: at least one token of text must fit (a tokenizer without special tokens, GPT-2's,
+    accepts --max-length 1: each example keeps its first token)."""
+    special = tokenizer.num_special_tokens_to_add(pair=pair)
+    if limit > special:
+        return
+    names = [t for t in (tokenizer.cls_token, tokenizer.sep_token) if t] if special else []
+    which = f" ({', '.join(names)})" if names and not pair else ""
+    raise UserError(f"--max-length {max_length} leaves no room for text: the tokenizer adds {special} special "
+                    f"tokens{which} to every {'pair' if pair else 'example'}, so every example would be only "
+                    f"those and every gradient the same; pass --max-length {special + 1} or more (default 128).")
+
+
 class CausalLMTask:
     name = "causal-lm"
     target = "completion"
 
     def read(self, path, *, text_col=None, pair_col=None, label_col=None, completion_col=None,
-             label2id=None, limit=None, queries=False):
-        """Prompt + completion rows; ``queries``: a completion may be missing (greedy)."""
+             label2id=None, limit=None, queries=False, raw_labels=False):
+        """Prompt + completion rows (no labels); ``queries``: a completion may be missing (greedy)."""
         from .data import load_lm_examples
 
         if pair_col is not None:
@@ -225,6 +246,9 @@ def causal_encoding(loaded, prompt: str, completion, max_length: int, where: str
         raise UserError(f"the completion of {where} ({completion!r}) tokenises to no tokens; give a "
                         "completion with some text (or, for a query, none: the model's greedy continuation is used).")
     limit = token_limit(loaded, max_length)
+    if limit < 2:  # one token has nothing before it to be predicted from
+        raise UserError(f"--max-length {max_length} leaves no token to predict: a causal language model "
+                        "predicts each token from the ones before it; pass --max-length 2 or more (default 128).")
     start = prompt_ids(loaded, prompt)
     completion_ids = completion_ids[: max(1, limit - (1 if start else 0))]
     start = start[len(start) - max(0, limit - len(completion_ids)):] if start else start

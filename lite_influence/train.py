@@ -46,7 +46,13 @@ Decisions where the design was silent:
 - The model is always loaded as a sequence classifier (``task="classification"``): a causal-LM
   folder (GPT-2, Llama) gets a new classification head, as before causal LMs were indexable.
 - The model's label names (``id2label``) are whatever ``load_model`` produced: the folder's
-  own, or ``LABEL_0..`` for a new head.
+  own, or ``LABEL_0..`` for a new head. A file that names its classes ("Business") for such a
+  head is refused with the ``--label-names`` to pass (the names it uses, first seen first).
+- The training and eval files are read and checked (columns, texts, a label in every row)
+  before the model loads, which takes seconds; their labels become ids once the model's
+  ``label2id`` is known (``data.with_label_ids``).
+- An input ``noisy`` flag is true as ``config.truthy`` reads it (1, 1.0, true, yes, y, t), as
+  audit reads the same column.
 - LoRA targets are found by module name: ``query``/``value`` (BERT, RoBERTa, ...),
   ``q_proj``/``v_proj`` (Llama, Mistral, OPT, ...), ``c_attn`` (GPT-2), ``q_lin``/``v_lin``
   (DistilBERT), ``query_key_value`` (GPT-NeoX, Falcon). The head is every child of the model
@@ -75,8 +81,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import TrainConfig
-from .data import flip_labels, label_id, load_examples, write_rows
+from .config import TrainConfig, truthy
+from .data import flip_labels, label_id, label_names_in, load_examples, with_label_ids, write_rows
 from .errors import UserError
 from .store.atomic import remove, swap_folder, write_json
 from .store.guard import check_out, target
@@ -92,7 +98,6 @@ MAX_GRAD_NORM = 1.0
 BUCKET_BATCHES = 50
 LORA_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q_lin", "v_lin"),
                 ("query_key_value",))
-_TRUE = {"1", "1.0", "true", "yes", "y"}
 
 
 @dataclass
@@ -134,15 +139,18 @@ def train_model(model: str | Path, train_file: str | Path, out: str | Path,
     if names and config.num_labels and len(names) != config.num_labels:
         raise UserError(f"--label-names gives {len(names)} names but --num-labels is {config.num_labels}; "
                         "pass one name per class.")
+    columns = dict(text_col=config.text_col, pair_col=config.pair_col, label_col=config.label_col, raw_labels=True)
+    train = load_examples(train_file, limit=config.limit, **columns)  # checked before the model's seconds
+    evaluation = load_examples(config.eval_file, **columns) if config.eval_file is not None else None
+    progress("model", 0, 1)
     loaded = load_model(model, task="classification", num_labels=config.num_labels, seed=config.seed, label_names=names)
+    progress("model", 1, 1)
     if loaded.num_labels < 2:
         raise UserError(f"the model's head has {loaded.num_labels} output but a classifier needs at "
                         "least 2 classes; pass --num-labels 2 or more for a model folder without a head.")
-    train = _load_train(train_file, config, loaded)
-    evaluation = None
-    if config.eval_file is not None:
-        evaluation = load_examples(config.eval_file, text_col=config.text_col, pair_col=config.pair_col,
-                                   label_col=config.label_col, label2id=loaded.label2id)
+    train = _train_labels(train, train_file, loaded)
+    if evaluation is not None:
+        evaluation = with_label_ids(evaluation, loaded.label2id, config.eval_file, unnamed_hint=_name_them(evaluation))
     labels, noisy_rows, used_rows, used_columns = _noisy_training_set(train, config, loaded)
 
     run = _Run(loaded, config)
@@ -234,16 +242,22 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _load_train(path, config: TrainConfig, loaded: LoadedModel):
-    """A label the head cannot hold usually means a base encoder got the default 2-class head,
-    so that case is told apart from a plain unknown label."""
-    kwargs = dict(text_col=config.text_col, pair_col=config.pair_col, label_col=config.label_col,
-                  limit=config.limit)
+def _name_them(examples) -> str:
+    """How to name the classes of a new head (LABEL_0, ...) that the file calls by name."""
+    names = label_names_in(examples)
+    return (f"pass --label-names with one name per class in id order, e.g. --label-names {','.join(names)} "
+            "(the names this file uses, in the order they first appear).")
+
+
+def _train_labels(train, path, loaded: LoadedModel):
+    """The training rows' labels as ids. A label the head cannot hold usually means a base
+    encoder got the default 2-class head, so that case is told apart from a plain unknown
+    label; names given to a head without names point at --label-names."""
     try:
-        return load_examples(path, label2id=loaded.label2id, **kwargs)
+        return with_label_ids(train, loaded.label2id, path, unnamed_hint=_name_them(train))
     except UserError:
         try:
-            as_ids = load_examples(path, label2id=None, **kwargs)
+            as_ids = with_label_ids(train, None, path)
         except UserError:
             as_ids = None
         if as_ids is not None and max(as_ids.labels) >= loaded.num_labels:
@@ -281,7 +295,7 @@ def _noisy_training_set(train, config: TrainConfig, loaded: LoadedModel):
             clean = label_id(row["label_original"], loaded.label2id, where=" in column 'label_original'")
             is_noisy = int(new) != clean
         else:
-            is_noisy = bool(was_flipped) or (has_noisy and str(row["noisy"]).strip().lower() in _TRUE)
+            is_noisy = bool(was_flipped) or (has_noisy and truthy(row["noisy"]))
         rows.append({**row, label_col: written, "noisy": int(is_noisy),
                      "label_original": row["label_original"] if has_original else value})
         noisy.append(is_noisy)

@@ -120,6 +120,12 @@ BUILD_CASES = [
     ("index factory unfit for the data", lambda c: (["-q", *_build(c, c["train"], "--projection", "random", "--index-factory", "IVF64,Flat")], None),
      ["IVF64,Flat", "Flat"]),
     ("proj dim zero", lambda c: (_build(c, c["train"], "--proj-dim", "0"), None), ["--proj-dim", "at least 1"]),
+    # [CLS] and [SEP] alone: every example would have the same gradient
+    ("max length of the special tokens", lambda c: (_build(c, c["train"], "--max-length", "2"), None),
+     ["--max-length 2", "no room for text", "2 special tokens", "[CLS], [SEP]", "--max-length 3"]),
+    # below them the tokenizer would not truncate at all
+    ("max length below the special tokens", lambda c: (_build(c, c["train"], "--max-length", "1"), None),
+     ["--max-length 1", "no room for text", "--max-length 3"]),
 ]
 
 
@@ -240,6 +246,8 @@ MORE_CASES = [
                                                                  write(c["tmp"] / "e.tsv", "sentence\tlabel\ngood\tneutral\n"),
                                                                  out=c["tmp"] / "m"), None), ["'neutral'", "e.tsv"]),
     ("train", "--out exists", lambda c: (_train(c, c["train"]), None), ["already holds", "--force"]),
+    ("train", "max length of the special tokens", lambda c: (_train(c, c["train"], "--max-length", "2", out=c["tmp"] / "m"), None),
+     ["--max-length 2", "no room for text", "--max-length 3"]),
 ]
 
 

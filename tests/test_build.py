@@ -35,3 +35,68 @@ def test_bad_options_are_refused_before_anything_is_written(bert_dir, train_tsv,
 def test_unknown_option_is_a_type_error(bert_dir, train_tsv, tmp_path):
     with pytest.raises(TypeError):
         build_index(bert_dir, train_tsv, tmp_path / "idx", proj_dims=4)
+
+
+def test_proj_dim_wider_than_the_model_is_said_once_with_the_stored_dims(bert_dir, train_tsv, tmp_path, capsys):
+    """The tiny BERT is 16 wide: --proj-dim 20 cannot give 20 x 20 per unit, and says so (a
+    warning, not an error) with the dims each block really stores."""
+    from conftest import run_cli
+    from lite_influence.errors import InputWarning
+
+    with pytest.warns(InputWarning, match=r"--proj-dim 20 exceeds the sides of 4 units \(hidden 16\)") as caught:
+        index = build_index(bert_dir, train_tsv, tmp_path / "api", projection="random", proj_dim=20,
+                            exact_max=0, layers="block1")
+    dim = index.manifest["layers"][0]["dim"]
+    assert dim == 4 * 17 * 16 and f"{dim:,} dims per block instead of {4 * 20 * 20:,}" in str(caught[0].message)
+
+    code, _, err = run_cli(capsys, "-q", "build", bert_dir, train_tsv, "--out", tmp_path / "cli", "--projection", "random",
+                           "--proj-dim", "20", "--exact-max", "0")
+    assert code == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: --proj-dim 20 exceeds the sides of"), err
+    assert "stored at their full width, 1,088 dims per block instead of 1,600" in lines[0]
+    # the default (8 per side) is narrower than the model, and the head's 2-class side is expected
+    code, _, err = run_cli(capsys, "-q", "build", bert_dir, train_tsv, "--out", tmp_path / "default",
+                           "--projection", "random", "--exact-max", "0")
+    assert code == 0 and err == "", err
+
+
+@pytest.mark.parametrize("data, words", [
+    ("review\tlabel\ngood film\t1\n", "no text column"),
+    (b"sentence\tlabel\ncaf\xe9 film\t1\n", "not UTF-8"),
+    ("sentence\tlabel\ngood film\t\n", "no label in column 'label'"),
+])
+def test_a_bad_data_file_is_reported_before_the_model_loads(bert_dir, tmp_path, monkeypatch, data, words):
+    """Reading the file takes milliseconds, loading a model seconds: the file's error comes first."""
+    import lite_influence.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data file was checked")
+
+    monkeypatch.setattr(lite_influence.models, "load_model", no_model)
+    train = tmp_path / "train.tsv"
+    (train.write_bytes if isinstance(data, bytes) else train.write_text)(data)
+    with pytest.raises(UserError, match=words):
+        build_index(bert_dir, train, tmp_path / "idx", projection="random")
+
+
+def test_label_names_for_a_head_without_names_point_at_train_label_names(tmp_path, bert_dir):
+    """A new head's classes are LABEL_0, LABEL_1: a file that names its classes says how to name them."""
+    import shutil
+
+    import torch
+    import transformers
+    from conftest import tiny_config
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_config("bert")).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        if (bert_dir / name).is_file():
+            shutil.copy(bert_dir / name, base / name)
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\ngood film\tBusiness\nbad plot\tSports\n")
+    with pytest.raises(UserError, match=r"label 'Business' in row 1 of .*train\.tsv is a name, but the model's "
+                                        r"classes have none yet \(0 \(LABEL_0\), 1 \(LABEL_1\).*"
+                                        r"lite-influence train --label-names"):
+        build_index(base, train, tmp_path / "idx", projection="random")

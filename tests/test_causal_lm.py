@@ -236,6 +236,16 @@ def test_encoding_masks_the_prompt_and_keeps_the_completion():
     assert "labels" not in model_inputs(batch)
 
 
+def test_max_length_one_leaves_nothing_to_predict():
+    """One token has no token before it: the refusal names --max-length, not the tokenizer."""
+    loaded = LoadedModel(tiny_lm("llama"), word_tokenizer(), "causal-lm", "")
+    with pytest.raises(UserError, match=r"--max-length 1 leaves no token to predict.*--max-length 2 or more"):
+        encode(loaded, ["good movie ->"], None, 1, completions=[" bad plot"])
+    (two,) = encode(loaded, ["good movie ->"], None, 2, completions=[" bad plot"])
+    tok = loaded.tokenizer.convert_tokens_to_ids
+    assert two == {"input_ids": [tok("->"), tok("bad")], "labels": [-100, tok("bad")]}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_masked_positions_carry_no_gradient_whatever_their_tokens(arch):
     """The logits' gradient is exactly zero at every position whose next token is a prompt
@@ -331,6 +341,7 @@ def exact_index_vectors(folder, rows, layers):
     return {layer["name"]: torch.cat([rows(layer, u) for u in layer["units"]], 1).numpy() for layer in layers}
 
 
+@pytest.mark.filterwarnings("ignore::lite_influence.errors.InputWarning")  # full width is the point here
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_build_stores_exact_vectors_at_full_width(arch, lm_dirs, lm_train, tmp_path):
     index = build_index(lm_dirs[arch], lm_train, tmp_path / "index", projection="random", proj_dim=100,

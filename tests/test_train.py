@@ -200,13 +200,71 @@ def test_retraining_on_train_used_keeps_the_ground_truth(word_bert, tmp_path):
     assert first.n_noisy == again.n_noisy == 3
 
 
-def test_new_head_of_num_labels(tmp_path, bert_dir):
-    base = tmp_path / "base"
+def test_input_noisy_flags_are_read_with_config_truthy(word_bert, tmp_path):
+    """train_used's ``noisy`` is the OR of this run's flips and the input's flags, and the input's
+    are read as every other command reads a flag (config.truthy): "t" and "TRUE" count too."""
+    from lite_influence.config import truthy
+
+    flags = ["1", "1.0", "true", "t", "TRUE", " yes ", "y", "0", "", "no", "false", "f"]
+    rows = [{**row, "noisy": flag} for row, flag in zip(rule_rows(len(flags), seed=3), flags)]
+    train = write_tsv(tmp_path / "train.tsv", rows)
+    result = train_model(word_bert, train, tmp_path / "model", epochs=1)
+    used, _ = read_rows(tmp_path / "model" / "train_used.tsv")
+    assert [r["noisy"] for r in used] == [str(int(truthy(flag))) for flag in flags]
+    assert [r["noisy"] for r in used] == ["1"] * 7 + ["0"] * 5 and result.n_noisy == 7
+
+
+def headless(bert_dir, folder: Path) -> Path:
+    """conftest's tiny BERT without a classification head (a base encoder), with its tokenizer."""
     torch.manual_seed(0)
-    transformers.BertModel(tiny_config("bert")).save_pretrained(base)
+    transformers.BertModel(tiny_config("bert")).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         if (bert_dir / name).is_file():
-            shutil.copy(bert_dir / name, base / name)
+            shutil.copy(bert_dir / name, folder / name)
+    return folder
+
+
+def test_label_names_for_a_new_head_are_asked_for_by_flag(tmp_path, bert_dir):
+    """A new head's classes are LABEL_0, LABEL_1: a file that names its classes ("Business")
+    is told to pass --label-names, with the names it uses; with them it trains."""
+    base = headless(bert_dir, tmp_path / "base")
+    rows = [{"sentence": f"{w} movie", "label": ["Business", "Sports"][i % 2]} for i, w in enumerate(WORDS)]
+    train = write_tsv(tmp_path / "train.tsv", rows)
+    with pytest.raises(UserError, match=r"label 'Business' in row 1 of .*train\.tsv is a name, but the model's classes "
+                                        r"have none yet.*pass --label-names .* e\.g\. --label-names Business,Sports") as error:
+        train_model(base, train, tmp_path / "refused", epochs=1)
+    assert "\n" not in str(error.value) and not (tmp_path / "refused").exists()
+    eval_file = write_tsv(tmp_path / "eval.tsv", rows[:4])
+    with pytest.raises(UserError, match=r"eval\.tsv is a name.*--label-names Business,Sports"):
+        train_model(base, write_tsv(tmp_path / "ids.tsv", [{**r, "label": i % 2} for i, r in enumerate(rows)]),
+                    tmp_path / "refused", epochs=1, eval_file=str(eval_file))
+    result = train_model(base, train, tmp_path / "model", epochs=1, label_names="Business,Sports")
+    assert load_model(result.out).label2id == {"Business": 0, "Sports": 1}
+
+
+@pytest.mark.parametrize("data, words", [
+    ("review\tlabel\ngood film\t1\n", "no text column"),
+    (b"sentence\tlabel\ncaf\xe9 film\t1\n", "not UTF-8"),
+    ("sentence\tlabel\ngood film\t\n", "no label in column 'label'"),
+])
+@pytest.mark.parametrize("which", ["train", "eval"])
+def test_a_bad_data_file_is_reported_before_the_model_loads(word_bert, train_tsv, tmp_path, monkeypatch, data, words, which):
+    """Reading a file takes milliseconds, loading a model seconds: the files' errors come first."""
+    import lite_influence.train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data files were checked")
+
+    monkeypatch.setattr(lite_influence.train, "load_model", no_model)
+    bad = tmp_path / "bad.tsv"
+    (bad.write_bytes if isinstance(data, bytes) else bad.write_text)(data)
+    train, eval_file = (bad, None) if which == "train" else (train_tsv, str(bad))
+    with pytest.raises(UserError, match=words):
+        train_model(word_bert, train, tmp_path / "out", epochs=1, eval_file=eval_file)
+
+
+def test_new_head_of_num_labels(tmp_path, bert_dir):
+    base = headless(bert_dir, tmp_path / "base")
     rows = [{"sentence": f"{w} movie", "label": i % 3} for i, w in enumerate(WORDS)]
     train = write_tsv(tmp_path / "train.tsv", rows)
     with pytest.raises(UserError, match=r"3 classes.*head has 2 classes; pass --num-labels 3"):
