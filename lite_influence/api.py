@@ -123,7 +123,8 @@ class InfluenceIndex:
 
     def query(self, text: str | list[str], pair: str | list[str] | None = None, label=None,
               config: QueryConfig | None = None, *, completion: str | list | None = None, **options) -> dict:
-        """Top-k proponents and opponents of one query (or of several, aggregated together).
+        """Top-k proponents and opponents of one query (or of several, aggregated together;
+        ``query_each`` answers each on its own).
 
         A row's ``score`` is its aggregate: votes (vote), mean rank (rank) or mean influence
         (mean: positive for proponents, negative for opponents); ``per_layer`` holds each
@@ -131,9 +132,23 @@ class InfluenceIndex:
         ``completion`` what to explain (None: the model's greedy continuation, reported in
         ``query["completion"]``).
         """
+        config = replace(config or QueryConfig(), **options).validate()
+        queries, vectors, layers, warning = self._explained(text, pair, label, completion, config)
+        return self._answer(queries, vectors, layers, config, warning)
+
+    def query_each(self, texts: list[str], pairs: list[str] | None = None, labels: list | None = None,
+                   config: QueryConfig | None = None, *, completions: list | None = None, **options) -> list[dict]:
+        """One result per query, as ``query`` gives for it alone; the gradients of all of them
+        come from one batched pass. The chance warning is about the whole set of queries."""
+        config = replace(config or QueryConfig(), **options).validate()
+        queries, vectors, layers, warning = self._explained(list(texts), pairs, labels or [None] * len(texts),
+                                                            completions, config)
+        return [self._answer([q], _one_query(vectors, i), layers, config, warning) for i, q in enumerate(queries)]
+
+    def _explained(self, text, pair, label, completion, config: QueryConfig):
+        """The queries described, their vectors, the layers asked for and the chance warning."""
         from .audit import chance_warning
 
-        config = replace(config or QueryConfig(), **options).validate()
         texts = [text] if isinstance(text, str) else list(text)
         pairs = [pair] if isinstance(pair, str) else pair
         labels = label if isinstance(label, list) else [label] * len(texts)
@@ -144,8 +159,7 @@ class InfluenceIndex:
                                max_new_tokens=config.max_new_tokens)
         names = self.manifest["label_names"]
         queries = [self.kind.describe(grads, i, texts, pairs, names) for i in range(len(texts))]
-        return self._answer(queries, grads.vectors, layers, config,
-                            chance_warning(grads, [value is not None for value in labels]))
+        return queries, grads.vectors, layers, chance_warning(grads, [value is not None for value in labels])
 
     def query_ids(self, ids: list[int], config: QueryConfig | None = None, **options) -> dict:
         """Proponents and opponents of training examples, from their stored vectors: no model
@@ -187,6 +201,11 @@ class InfluenceIndex:
 
         config = replace(config or AuditConfig(), **options).validate()
         return run_audit(self, queries, config, progress or (lambda stage, done, total: None))
+
+
+def _one_query(vectors: dict, i: int) -> dict:
+    """Query i's vectors of every layer (a row, or its token rows)."""
+    return {layer: v.subset([i]) if hasattr(v, "subset") else v[i : i + 1] for layer, v in vectors.items()}
 
 
 def _check_texts(texts: list, pairs, build: dict) -> None:

@@ -115,10 +115,12 @@ def _read(kind, train_file: Path, config: BuildConfig):
 
 def _warn_clamped(loaded, units, layers, config: BuildConfig) -> None:
     """--proj-dim wider than the model: kept at full width, said before the long passes."""
-    from .projection import clamp_note
+    from .projection import clamp_note, keeps_tokens
 
     hidden = getattr(loaded.model.config, "hidden_size", None)
-    note = clamp_note(units, layers, config.proj_dim, config.exact_max, hidden if isinstance(hidden, int) else None)
+    projected = [u for u in units if not keeps_tokens(u, config.token_dim)]  # --token-dim sizes those
+    layers = {name: us for name, us in layers.items() if all(u in projected for u in us)}
+    note = clamp_note(projected, layers, config.proj_dim, config.exact_max, hidden if isinstance(hidden, int) else None)
     if note:
         warnings.warn(InputWarning(note), stacklevel=2)
 

@@ -176,7 +176,7 @@ def query(
     completion: Optional[str] = typer.Option(None, "--completion", help="Causal LM: the completion of --text to explain; default: the model's greedy continuation (printed)."),
     pair: Optional[str] = typer.Option(None, "--pair", help="Second text of a pair, if the model takes pairs."),
     label: Optional[str] = typer.Option(None, "--label", "-l", help="Label to explain (id or name); default: the model's prediction."),
-    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl); their lists are aggregated together."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl): one result each (JSON lines with --json), or one for all with --aggregate."),
     ids: Optional[list[int]] = typer.Option(None, "--id", help="Explain training example N from its stored vectors (no model is loaded); repeat for several."),
     config: QueryConfig = None,
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
@@ -190,7 +190,8 @@ def query(
         raise UserError("pass one of --text \"...\", --file QUERIES or --id N.")
     if ids:
         index = InfluenceIndex.open(index_dir)
-        return _show(index.query_ids(ids, config), index, as_json)
+        groups = [ids] if config.aggregate or len(ids) == 1 else [[i] for i in ids]
+        return _show([index.query_ids(group, config) for group in groups], index, as_json, single=len(groups) == 1)
     result = None if (local or file is not None or model is not None) else _ask_server(
         index_dir, text=text, pair=pair, label=label, completion=completion, config=config)
     index = InfluenceIndex.open(index_dir, model=model)
@@ -199,20 +200,28 @@ def query(
         pass
     elif file is not None:
         examples = index.kind.read(file, label2id=index.label2id, queries=True)
+        labels = examples.labels or [None] * len(examples)
         with _progress() as index.progress:  # the spinner while the model loads
-            result = index.query(examples.texts, examples.pairs, examples.labels or [None] * len(examples), config,
-                                 completion=examples.completions)
+            if config.aggregate:
+                result = index.query(examples.texts, examples.pairs, labels, config, completion=examples.completions)
+            else:
+                return _show(index.query_each(examples.texts, examples.pairs, labels, config,
+                                              completions=examples.completions), index, as_json, single=False)
     else:
         with _progress() as index.progress:
             result = index.query(text, pair, label, config, completion=completion)
     _show(result, index, as_json)
 
 
-def _show(result: dict, index, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-        return
-    render.print_query(result, index.manifest["label_names"])
+def _show(results, index, as_json: bool, single: bool = True) -> None:
+    """One result as a JSON object or tables; several (one per query) as JSON lines, or
+    tables one after the other."""
+    results = [results] if isinstance(results, dict) else results
+    for number, result in enumerate(results):
+        if as_json:
+            print(json.dumps(result, indent=2 if single else None, ensure_ascii=False))
+        else:  # the chance warning is about the whole set of queries: said once, above the first
+            render.print_query(result if number == 0 else {**result, "warning": None}, index.manifest["label_names"])
 
 
 def _ask_server(index_dir: Path, *, text, pair, label, completion, config: QueryConfig) -> dict | None:

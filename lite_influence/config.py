@@ -123,6 +123,7 @@ class QueryConfig(Options):
     agg: str = option("vote", "How the layers' lists are combined: vote (weighted by rank), rank (mean rank) or mean (mean exact score).")
     vote_p: float = option(0.2, "Vote: each layer's list votes for its top p fraction of the training set (as in audit); -k only truncates the combined ranking.")
     batch_size: int = option(16, "Queries per forward/backward pass (with --file).")
+    aggregate: bool = option(False, "With --file or several --id: one ranking for all the queries together instead of one result per query.")
     max_new_tokens: int = option(20, "Causal LM without --completion: explain the model's greedy continuation of up to this many tokens (it stops at end-of-text).")
 
     def validate(self):

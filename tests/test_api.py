@@ -399,3 +399,32 @@ def test_resume_with_other_settings_is_refused(bert_dir, train_tsv, tmp_path):
     with pytest.raises(UserError, match="other settings"):
         build_index(bert_dir, train_tsv, out, seed=5, resume=True, **options)
     assert not out.exists() and (tmp_path / ".index.partial" / "progress.json").is_file()  # kept: issue 10.4
+
+
+def test_query_file_gives_one_result_per_query_unless_aggregated(bert_dir, train_tsv, tmp_path, capsys):
+    """`query --file` answers each query as `query` would alone (JSON lines with --json), from
+    one batched gradient pass; --aggregate keeps one ranking for all of them together."""
+    import json
+
+    from conftest import run_cli
+
+    index = build_index(bert_dir, train_tsv, tmp_path / "index", projection="random", proj_dim=4)
+    texts = ["good movie", "awful plot very dull", "the actor is fine"]
+    queries = write_tsv(tmp_path / "q.tsv", ["text"], [[t] for t in texts])
+    each = index.query_each(texts, k=3, agg="rank")
+    for text, result in zip(texts, each):
+        alone = index.query(text, k=3, agg="rank")
+        assert [r["id"] for r in result["proponents"]] == [r["id"] for r in alone["proponents"]]
+        assert [r["id"] for r in result["opponents"]] == [r["id"] for r in alone["opponents"]]
+        assert result["query"]["text"] == text
+    code, out, err = run_cli(capsys, "query", index.path, "--file", queries, "--json", "-k", "3", "--agg", "rank")
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["query"]["text"] for line in lines] == texts
+    assert [[r["id"] for r in line["proponents"]] for line in lines] == [[r["id"] for r in e["proponents"]] for e in each]
+    code, out, err = run_cli(capsys, "query", index.path, "--file", queries, "--json", "-k", "3", "--agg", "rank",
+                             "--aggregate")
+    assert code == 0, err
+    together = json.loads(out)
+    assert len(together["queries"]) == 3
+    assert [r["id"] for r in together["proponents"]] == [r["id"] for r in index.query(texts, k=3, agg="rank")["proponents"]]

@@ -425,10 +425,13 @@ def test_cli_build_and_query(lm_dirs, lm_train, tmp_path, capsys):
     assert code == 0, err
     assert "completion (greedy, " in text and "proponents" in text
     queries = write_rows(tmp_path / "q.tsv", ("prompt", "completion"), [("good ->", "bad"), ("the plot ->", "")])
-    code, text, err = run(capsys, "query", out, "--file", queries, "--json")
+    code, text, err = run(capsys, "query", out, "--file", queries, "--json", "--aggregate")
     assert code == 0, err
     sources = [q["completion_source"] for q in json.loads(text)["queries"]]
     assert sources == ["given", "greedy"]
+    code, text, err = run(capsys, "query", out, "--file", queries, "--json")  # one JSON line per query
+    assert code == 0, err
+    assert [json.loads(line)["query"]["completion_source"] for line in text.splitlines()] == ["given", "greedy"]
 
 
 def one_line_error(code, err, *needles):

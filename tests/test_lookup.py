@@ -120,3 +120,32 @@ def test_query_by_id_loads_no_model_and_equals_brute_force(bert_dir, train_tsv, 
     assert result["query"]["id"] == 3
     with pytest.raises(Exception, match="0..11"):
         index.query_ids([12])
+
+
+def test_several_ids_give_one_result_each_unless_aggregated(bert_dir, train_tsv, tmp_path, capsys):
+    """`query --id 3 --id 5` explains each example on its own (JSON lines), `--aggregate` both
+    together; through the embeddings' exact token rows too, against a dense numpy expansion."""
+    import json
+
+    from conftest import dense_rows, run_cli
+    from lite_influence import build_index
+
+    index = build_index(bert_dir, train_tsv, tmp_path / "idx", projection="random", proj_dim=2, metric="dot")
+    args = ["query", index.path, "--id", "3", "--id", "5", "-k", "4", "--layers", "embeddings", "--agg", "mean", "--json"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    dense = dense_rows(index, "embeddings")
+    for line, i in zip(lines, (3, 5)):
+        assert line["query"]["id"] == i
+        expected = np.lexsort((np.arange(len(dense)), -(dense @ dense[i])))[:4]
+        assert [r["id"] for r in line["proponents"]] == expected.tolist()
+    code, out, err = run_cli(capsys, *args, "--aggregate")
+    assert code == 0, err
+    together = json.loads(out)
+    expected = np.lexsort((np.arange(len(dense)), -(dense @ (dense[3] + dense[5]))))[:4]
+    assert [q["id"] for q in together["queries"]] == [3, 5]
+    assert [r["id"] for r in together["proponents"]] == expected.tolist()
+    code, out, err = run_cli(capsys, *[a for a in args if a != "--json"])
+    assert code == 0, err
+    assert "training example #3" in out and "training example #5" in out
