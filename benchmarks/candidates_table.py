@@ -8,10 +8,12 @@ groups early/middle/late/all (the goal of issue 14: >= -0.05) and the worst bloc
 (goal: >= 0.95 with dot). No model is loaded; rerun after either benchmark.
 
     python benchmarks/candidates_table.py
+    python benchmarks/candidates_table.py --planted /tmp/pb/planted_backdoor.json --out results/other.md
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -75,12 +77,15 @@ def markdown(planted: dict, fidelity: dict) -> str:
 
 
 def main() -> None:
-    planted = json.loads((RESULTS / "planted_backdoor.json").read_text())
-    fidelity = json.loads((RESULTS / "fidelity.json").read_text())
-    text = markdown(planted, fidelity)
-    tmp = RESULTS / "projection_candidates.md.tmp"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--planted", type=Path, default=RESULTS / "planted_backdoor.json")
+    parser.add_argument("--fidelity", type=Path, default=RESULTS / "fidelity.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "projection_candidates.md")
+    args = parser.parse_args()
+    text = markdown(json.loads(args.planted.read_text()), json.loads(args.fidelity.read_text()))
+    tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(text)
-    tmp.replace(RESULTS / "projection_candidates.md")
+    tmp.replace(args.out)
     print(text)
 
 

@@ -349,7 +349,7 @@ def main() -> None:
             f"## Spearman, dot (raw inner products)\n\n{markdown(results, 'dot')}\n\n"
             f"## Spearman, cosine (normalised inner products)\n\n{markdown(results, 'cosine')}\n\n"
             f"## Candidates (benchmarks/sketches.py): Spearman dot / cosine; `IN x OUT k=K` = the scheme of each side, "
-            f"K dims per side; tokens-exact dims: mean distinct tokens x K\n\n"
+            f"K dims per side (`k=KINxKOUT`: per side); tokens-exact dims: mean distinct tokens x K\n\n"
             f"{candidate_markdown(candidates, list(layers))}\n\n"
             f"Hook check (stored vector vs R_out^T G_exact R_in, max relative error over 8 examples, k=8): "
             + json.dumps({p: {n: f"{e:.1e}" for n, e in errs.items()} for p, errs in hook_errors.items()})

@@ -1,7 +1,8 @@
 """The projection candidates both attribution benchmarks score (fidelity.py, planted_backdoor.py).
 
-A candidate is a scheme per side of every unit and a size k per side (dims per unit k*k; a
-MiniLM attention block of 4 units stores 4 k^2), so size and basis are reported separately:
+A candidate is a scheme per side of every unit and a size per side, k for both or k_in x k_out
+(dims per unit k_in k_out; a MiniLM attention block of 4 units stores 4 k_in k_out), so size
+and basis are reported separately:
 
 * ``random``: seeded Gaussian (``random_side``), unbiased.
 * ``pca``: the top-k eigenvectors of the side's covariance (``eigen_side``).
@@ -16,7 +17,9 @@ MiniLM attention block of 4 units stores 4 k^2), so size and basis are reported 
   benchmark scores it from the exact token-equality identity with projected deltas.
 
 Sides without a covariance (too wide, tied vocabularies) fall back to random, as the library
-does. Specs: ``"IN x OUT k=K"`` or ``"SCHEME k=K"`` for both sides (see ``parse``).
+does. Specs: ``"IN x OUT k=K"`` or ``"SCHEME k=K"`` for both sides, ``k=KINxKOUT`` for
+different sizes per side (see ``parse``); a unit ``unit_k`` keeps whole at the larger size is
+kept whole on both sides.
 """
 
 from __future__ import annotations
@@ -72,27 +75,29 @@ def make_side(unit, side: str, scheme: str, k: int, seed: int, covariances: dict
     raise ValueError(f"unknown side scheme {scheme!r}")
 
 
-def parse(spec: str) -> tuple[str, str, int]:
-    """``"pca x random k=16"`` -> ("pca", "random", 16); ``"random k=8"`` -> both sides."""
+def parse(spec: str) -> tuple[str, str, int, int]:
+    """``"pca x random k=16"`` -> ("pca", "random", 16, 16); ``"random k=8"`` -> both sides;
+    ``"random x pca k=32x8"`` -> ("random", "pca", 32, 8)."""
     body, k = spec.rsplit(" k=", 1)
-    schemes = body.split(" x ")
-    return schemes[0], schemes[-1], int(k)
+    schemes, ks = body.split(" x "), k.split("x")
+    return schemes[0], schemes[-1], int(ks[0]), int(ks[-1])
 
 
 def candidate(spec: str, units, seed: int, covariances: dict, exact_max: int) -> dict:
     """{unit name: UnitProjector or TokensExact} for one spec. A ``tokens-exact`` spec covers
-    the embeddings only (its out scheme and k apply to their hidden side)."""
-    scheme_in, scheme_out, k = parse(spec)
+    the embeddings only (its out scheme and k_out apply to their hidden side)."""
+    scheme_in, scheme_out, k_in, k_out = parse(spec)
     out = {}
     for u in units:
         cov = covariances.get(u.name, {})
         if scheme_in == "tokens-exact":
             if u.kind == "embedding":
-                out[u.name] = TokensExact(u, make_side(u, "out", scheme_out, k, seed, cov))
+                out[u.name] = TokensExact(u, make_side(u, "out", scheme_out, k_out, seed, cov))
             continue
-        ku = unit_k(u, k, exact_max)
-        out[u.name] = UnitProjector(u, make_side(u, "in", scheme_in, ku, seed, cov),
-                                    make_side(u, "out", scheme_out, ku, seed, cov))
+        whole = unit_k(u, max(k_in, k_out), exact_max)
+        ki, ko = (k_in, k_out) if whole == max(k_in, k_out) else (whole, whole)
+        out[u.name] = UnitProjector(u, make_side(u, "in", scheme_in, ki, seed, cov),
+                                    make_side(u, "out", scheme_out, ko, seed, cov))
     return out
 
 
