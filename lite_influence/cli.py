@@ -152,7 +152,8 @@ def info(
     for key, value in (("model", m["model"]["path"]), ("task", m["model"]["task"]),
                        ("examples", f"{m['n']:,}"), ("labels", ", ".join(m["label_names"])),
                        ("projection", f"{m['build']['projection']}, {m['build']['proj_dim']} per side"),
-                       ("metric", m["metric"]), ("FAISS", m["index_factory"]),
+                       ("metric", f"{m['metric']} by default; answers {' and '.join(store.metrics)}"),
+                       ("FAISS", m["index_factory"]),
                        ("data", m["data"]["path"]), ("size", render.human(sum(sizes.values())))):
         summary.add_row(f"[bold]{key}[/]", shown(str(value)))
     console.print(summary)
@@ -229,7 +230,7 @@ def _ask_server(index_dir: Path, *, text, pair, label, completion, config: Query
     from .client import remote_query
 
     request = {"text": text, "pair": pair, "label": label, "completion": completion,
-               "k": config.k, "layers": config.layers, "agg": config.agg}
+               "k": config.k, "layers": config.layers, "agg": config.agg, "metric": config.metric}
     return remote_query(index_dir, {key: value for key, value in request.items() if value is not None})
 
 
