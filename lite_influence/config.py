@@ -81,8 +81,9 @@ class BuildConfig(ModelOptions, Columns):
 
     layers: str = option("attention", "Which units to index: attention (embeddings, attention linears, head), mlp, all, a group (early, middle, late, embeddings, head), a layer (block3) or a regex over module names; comma-separated.")
     granularity: str = option("layer", "One index per transformer block ('layer') or per weight matrix ('unit').")
-    projection: str = option("pca", "pca: fitted Kronecker eigenbasis (best average fidelity); hybrid: input side half eigenbasis, half an unbiased sketch of the rest, rare tokens sketched (finds more planted causes, lower fidelity: README, Projection); random: seeded Gaussian (needs no fitting pass).")
+    projection: str = option("pca", "pca: fitted Kronecker eigenbasis (best average fidelity); mixed: seeded random input side, eigenbasis output side (finds more planted causes; use with --proj-dim-in 64 --proj-dim 4); hybrid: input side half eigenbasis, half an unbiased sketch of the rest; random: seeded Gaussian (needs no fitting pass). README, Projection.")
     proj_dim: int = option(8, "Dims kept per side of each weight matrix; a unit stores proj_dim^2 numbers (a BERT block of 4 attention matrices: 4 x 64 = 256).")
+    proj_dim_in: int | None = option(None, "Dims kept on each weight matrix's input (activation) side when it differs from --proj-dim, which then sizes the output (gradient) side: e.g. --projection mixed --proj-dim-in 64 --proj-dim 4.")
     token_dim: int = option(64, "Word embeddings: their token side is kept exactly (sparse rows: each example keeps this many numbers per distinct token, so a rare token is never mixed with others); 0 projects them like any unit (--proj-dim per side).")
     exact_max: int = option(1024, "A weight matrix with one side no wider than --proj-dim and at most this many numbers is stored exactly, not projected (a 2-class head of a 384-wide model: 770 numbers); 0 projects everything.")
     fit_examples: int = option(256, "Training examples used to fit the pca eigenbasis (one extra forward/backward pass over them).")
@@ -104,7 +105,7 @@ class BuildConfig(ModelOptions, Columns):
             raise UserError(f"unknown metric '{self.metric}'; use one of {', '.join(METRICS)}")
         _at_least(self, ("proj_dim", "batch_size", "max_length", "fit_examples"), 1)
         _at_least(self, ("exact_max", "seed", "token_dim"), 0)
-        _at_least(self, ("limit", "num_labels"), 1, optional=True)
+        _at_least(self, ("limit", "num_labels", "proj_dim_in"), 1, optional=True)
         if self.num_labels == 1:
             raise UserError("--num-labels must be at least 2: a classifier with one class learns nothing.")
         check_factory(self.index_factory)
