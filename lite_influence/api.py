@@ -159,6 +159,9 @@ class InfluenceIndex:
                                max_new_tokens=config.max_new_tokens)
         names = self.manifest["label_names"]
         queries = [self.kind.describe(grads, i, texts, pairs, names) for i in range(len(texts))]
+        for query, given in zip(queries, labels):
+            if query.get("label") is not None:  # which label is explained, and where it came from
+                query["label_source"] = "given" if given is not None else "prediction"
         return queries, grads.vectors, layers, chance_warning(grads, [value is not None for value in labels])
 
     def query_ids(self, ids: list[int], config: QueryConfig | None = None, **options) -> dict:

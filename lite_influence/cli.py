@@ -178,7 +178,7 @@ def query(
     completion: Optional[str] = typer.Option(None, "--completion", help="Causal LM: the completion of --text to explain; default: the model's greedy continuation (printed)."),
     pair: Optional[str] = typer.Option(None, "--pair", help="Second text of a pair, if the model takes pairs."),
     label: Optional[str] = typer.Option(None, "--label", "-l", help="Label to explain (id or name); default: the model's prediction."),
-    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl): one result each (JSON lines with --json), or one for all with --aggregate."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl): one result each (JSON lines with --json), or one for all with --aggregate; the predictions are explained unless --label-col names the labels to explain."),
     ids: Optional[list[int]] = typer.Option(None, "--id", help="Explain training example N from its stored vectors (no model is loaded); repeat for several."),
     config: QueryConfig = None,
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
@@ -201,8 +201,9 @@ def query(
     if result is not None:
         pass
     elif file is not None:
-        examples = index.kind.read(file, label2id=index.label2id, queries=True)
-        labels = examples.labels or [None] * len(examples)
+        examples = index.kind.read(file, text_col=config.text_col, pair_col=config.pair_col,
+                                   label_col=config.label_col, label2id=index.label2id, queries=True)
+        labels = examples.labels if config.label_col and examples.labels else [None] * len(examples)
         with _progress() as index.progress:  # the spinner while the model loads
             if config.aggregate:
                 result = index.query(examples.texts, examples.pairs, labels, config, completion=examples.completions)

@@ -123,8 +123,10 @@ AGGREGATIONS = ("mean", "rank", "vote")  # aggregate.py's names; kept here so co
 
 
 @dataclass
-class QueryConfig(Options):
-    """Options of ``lite-influence query``."""
+class QueryConfig(Columns):
+    """Options of ``lite-influence query``. The columns are those of ``--file``; a file's labels
+    are explained only when ``--label-col`` names their column, else the model's predictions
+    (what "why did it say this?" asks)."""
 
     k: int = option(10, "How many proponents and opponents to show.", flag="--k", short="-k")
     layers: str = option("all", "Layers to search: a group (embeddings, early, middle, late, head, all) or layer names, comma-separated.")
