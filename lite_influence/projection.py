@@ -1,8 +1,8 @@
 """Kronecker projections: a unit's gradient G (out x in) becomes R_out^T G R_in (k_out x k_in).
 
 Because G = sum_t delta_t x_t^T, the projection is sum_t (R_out^T delta_t)(R_in^T x_t)^T, so
-it is computed from the two sides separately and the full gradient is never formed. Three ways
-to choose R (DESIGN.md):
+it is computed from the two sides separately and the full gradient is never formed. Ways to
+choose R (DESIGN.md):
 
 * ``random``: Gaussian entries with variance 1/k on each side, so E<phi(a), phi(b)> equals
   <G(a), G(b)>. Generated on the CPU from (seed, unit name, side): any machine regenerates the
@@ -11,7 +11,10 @@ to choose R (DESIGN.md):
   covariance sum delta delta^T (the K-FAC eigenbasis), fitted on a sample of the training set.
   They keep the directions where gradients live, so far more of the inner product survives at
   the same size. Stored in the index with their eigenvalues.
-* ``hybrid`` (the default): the eigenbasis's top directions plus a random sketch of what they
+* ``mixed``: a seeded random input side and the eigenbasis output side, each of its own size
+  (``--proj-dim-in``, ``--proj-dim``): a rare input feature (a trigger token's activations)
+  keeps its unbiased share, and a few-class loss's gradients live in few output directions.
+* ``hybrid``: the eigenbasis's top directions plus a random sketch of what they
   leave out, so a rare cause (a backdoor token, a feature few examples share) keeps a share of
   the inner product instead of none (DESIGN.md, "What a sketch must keep"). A dense side is
   ``[U_top, c (I - U U^T) G / sqrt(k2)]`` with G seeded Gaussian (dim x k2): with c = 1, R R^T
@@ -23,19 +26,13 @@ to choose R (DESIGN.md):
   trigger token's activations) lives off the input's usual directions; the output-gradient
   side is the eigenbasis alone, because gradients of a few-class loss live in few directions
   and random columns there cost fidelity for every pair (measured: random output sides lose
-  up to 0.25 Spearman on the blocks, random input sides keep the planted share). The embeddings' token side
-  keeps the most frequent tokens exactly and count-sketches every other token into the
-  remaining columns (column h(v), sign s(v), both seeded): a rare token's row is never
-  dropped. The matrices are stored in projection.npz like pca's, so the store and hooks are
-  unchanged, and an index keeps the matrices it was built with when these defaults change.
+  up to 0.25 Spearman on the blocks). A projected embeddings' token side keeps the most
+  frequent tokens exactly and count-sketches the others (column h(v), sign s(v), seeded).
 
-The word embeddings' token side is by default not projected at all (``token_projector``,
-``--token-dim``): each example keeps its own tokens' rows exactly, as sparse rows
-(store/token_rows.py), with the hidden side projected like any output side. Measured on
-MiniLM/SST-2 (benchmarks/fidelity.py): Spearman vs exact 0.877 / 0.934 / 0.962 / 0.984 at
-16 / 32 / 64 / 128 hidden dims per token, against 0.794 for the projected token side below,
-and every planted backdoor example found (benchmarks/planted_backdoor.py). What follows about
-the embeddings' token side applies to ``--token-dim 0`` and to tied embeddings.
+By default the word embeddings' token side is not projected at all (``token_projector``,
+``--token-dim``): each example keeps its own tokens' rows exactly (store/token_rows.py; README,
+Projection, for the figures). What follows about that side is for ``--token-dim 0`` and tied
+embeddings.
 
 A side whose dimension is not larger than k is kept exactly (identity): a 2-class head's
 output side costs 2 dims and loses nothing. The embeddings' input side (one-hot tokens) has a
@@ -325,9 +322,7 @@ def pca_projector(unit: Unit, k, seed: int, covariances: dict[str, torch.Tensor]
 
 
 def mixed_projector(unit: Unit, k, seed: int, covariances: dict[str, torch.Tensor]) -> UnitProjector:
-    """A seeded random input side (unbiased: a rare input feature, such as a trigger token's
-    activations, keeps its share of the inner product) and the eigenbasis on the output side
-    (a few-class loss's gradients live in few directions): ``FITTED_SIDES["mixed"]``."""
+    """Seeded random input side, eigenbasis output side (module docstring)."""
     k_in, k_out = per_side(k)
     out = eigen_side(covariances["out"], k_out) if "out" in covariances else \
         random_side(unit.out_dim, k_out, seed, unit.name, "out")
