@@ -72,8 +72,11 @@ RESULTS = HERE / "results"
 AGGS = ("mean", "rank", "vote")
 AGG_KEYS = ("mean", "rank", "vote", "mean-c", "rank-c", "vote-c")
 METRICS = ("dot", "cosine")
-PROJECTIONS = ("random", "pca")
-SOURCES = ("random", "pca", "exact")  # the projections, and the exact reference
+PROJECTIONS = ("random", "pca", "mixed")
+SOURCES = ("random", "pca", "mixed", "exact")  # the projections, and the exact reference
+# sizes per projection other than --proj-dim per side: mixed is 64 input x 4 output dims per
+# unit (benchmarks/results/projection_candidates_asymmetric.md: `random x pca k=64x4`)
+PROJECTION_SIZES = {"mixed": {"proj_dim": 4, "proj_dim_in": 64}}
 LEVELS = (0.1, 0.2, 0.3)
 STATS = ("ndr@10", "ndr@20", "ndr@30", "auc_ndr")
 GROUP_ORDER = ("embeddings", "early", "middle", "late", "head", "all")
@@ -649,7 +652,8 @@ def run_one(args, mode: str, seed: int, files: dict, model: str, work: Path) -> 
         else:
             clock.start()
             indexes[("dot", projection)] = lite_influence.build_index(
-                model_dir, train_used, dot_dir, force=True, projection=projection, **build_options)
+                model_dir, train_used, dot_dir, force=True, projection=projection,
+                **{**build_options, **PROJECTION_SIZES.get(projection, {})})
             clock.stop(f"build_{projection}_s")
             stages.save(f"index-dot-{projection}", True)
             log(f"  built {projection} index in {timings[f'build_{projection}_s']:.0f} s")

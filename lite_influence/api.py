@@ -159,6 +159,9 @@ class InfluenceIndex:
                                max_new_tokens=config.max_new_tokens)
         names = self.manifest["label_names"]
         queries = [self.kind.describe(grads, i, texts, pairs, names) for i in range(len(texts))]
+        for query, given in zip(queries, labels):
+            if query.get("label") is not None:  # which label is explained, and where it came from
+                query["label_source"] = "given" if given is not None else "prediction"
         return queries, grads.vectors, layers, chance_warning(grads, [value is not None for value in labels])
 
     def query_ids(self, ids: list[int], config: QueryConfig | None = None, **options) -> dict:
@@ -182,14 +185,16 @@ class InfluenceIndex:
                 warning: str | None) -> dict:
         """The result of ``query`` and ``query_ids``: the queries described, then the top-k
         proponents and opponents of their vectors over ``layers``."""
-        from .lookup import lookup
+        from .lookup import layer_scores, ranked_rows
 
         k = min(config.k, len(self))
+        metric = self.store.check_metric(config.metric)
         result = {"query": queries[0], "queries": queries, "prediction": queries[0]["prediction"],
-                  "agg": config.agg, "metric": self.store.metric, "layers": layers, "k": k,
+                  "agg": config.agg, "metric": metric, "layers": layers, "k": k,
                   "k_clamped": config.k > len(self), "warning": warning}
+        scores = layer_scores(self.store, vectors, layers, metric)
         for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
-            result[side] = lookup(self.store, self.examples, vectors, layers, sign, k, config.agg, config.vote_p)
+            result[side] = ranked_rows(self.store, self.examples, scores, layers, sign, k, config.agg, config.vote_p)
         return result
 
     def audit(self, queries: str | Path, config: AuditConfig | None = None,

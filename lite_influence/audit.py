@@ -49,6 +49,7 @@ class AuditResult:
     baselines: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warning: str | None = None  # the model is at chance on the queries (chance.py)
+    metric: str = "cosine"  # what the influence rows compared
 
     @property
     def ranking(self) -> np.ndarray:
@@ -137,12 +138,14 @@ def run_audit(index, queries, config, progress) -> AuditResult:
     if config.correct_only:
         subsets["correct"] = grads.correct
     layers = sorted({l for _, ls in targets.values() for l in ls}, key=index.layers.index)
+    metric = index.store.check_metric(config.metric)
     per_layer, cancellation = {}, {}
     for number, layer in enumerate(layers):
-        per_layer[layer], cancellation[layer] = _layer_sums(index, layer, grads.vectors[layer], subsets, aggs, config.vote_p)
+        per_layer[layer], cancellation[layer] = _layer_sums(index, layer, grads.vectors[layer], subsets, aggs,
+                                                            config.vote_p, metric)
         progress("layers", number + 1, len(layers))
     result = AuditResult(len(index), len(examples), int(grads.correct.sum()), noisy, levels,
-                         cancellation=cancellation)
+                         cancellation=cancellation, metric=metric)
     result.warning = chance_warning(grads)
     if result.warning:
         result.notes.insert(0, result.warning)
@@ -179,16 +182,16 @@ def run_audit(index, queries, config, progress) -> AuditResult:
 def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """What influence must beat, ranked like it (most suspicious first): the training loss at
     build time (high first; mislabeled examples are the ones a model fits worst), the
-    self-influence of all layers (squared gradient norm, high first; a dot index only, since a
-    cosine index stores unit vectors), and the rank fusion of the headline influence ranking
+    self-influence of all layers (squared gradient norm, high first; not for an old cosine
+    index, which stores unit vectors only), and the rank fusion of the headline influence ranking
     with the loss (mean of the two positions, ties by id): the honest question is whether
     influence adds anything to the loss."""
     out = {}
     losses = index.store.losses()
     if losses is not None:
         out["training loss"] = _ranked(losses)
-    if index.store.metric == "dot":
-        squares = sum(index.store.layer(layer).squared_norms() for layer in index.layers)
+    if "dot" in index.store.metrics:
+        squares = sum(index.store.layer(layer).squared_norms("dot") for layer in index.layers)
         out["self-influence"] = _ranked(squares)
     if losses is not None and result.table:
         influence = result.ranking
@@ -204,15 +207,15 @@ def _ranked(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, values[ids]
 
 
-def _layer_sums(index, layer, vectors, subsets, aggs, vote_p):
+def _layer_sums(index, layer, vectors, subsets, aggs, vote_p, metric):
     """Per query subset and aggregation, this layer's lists combined over queries, in a form
     that adds up over layers: mean score sum, mean-rank sum, vote sum."""
     view = index.store.layer(layer)
-    queries = view.prepare(vectors)
+    queries = view.prepare(vectors, metric)
     need_full = "mean" in aggs or "rank" in aggs
-    full = view.scores(queries).T if need_full else None  # (Q, N)
+    full = view.scores(queries, metric).T if need_full else None  # (Q, N)
     if "vote" in aggs:
-        neighbours = nearest(index.store, layer, queries, -1.0, vote_depth(len(index), vote_p))
+        neighbours = nearest(index.store, layer, queries, -1.0, vote_depth(len(index), vote_p), metric)
     sums = {}
     for subset, mask in subsets.items():
         rows = np.flatnonzero(mask)

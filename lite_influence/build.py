@@ -120,7 +120,8 @@ def _warn_clamped(loaded, units, layers, config: BuildConfig) -> None:
     hidden = getattr(loaded.model.config, "hidden_size", None)
     projected = [u for u in units if not keeps_tokens(u, config.token_dim)]  # --token-dim sizes those
     layers = {name: us for name, us in layers.items() if all(u in projected for u in us)}
-    note = clamp_note(projected, layers, config.proj_dim, config.exact_max, hidden if isinstance(hidden, int) else None)
+    note = clamp_note(projected, layers, config.proj_dim, config.exact_max, hidden if isinstance(hidden, int) else None,
+                      config.proj_dim_in)
     if note:
         warnings.warn(InputWarning(note), stacklevel=2)
 
@@ -163,15 +164,15 @@ def _projectors(loaded, writer, units, encodings, labels, config, progress, done
     def make(u, covariances=None):
         if keeps_tokens(u, config.token_dim):
             return token_projector(config.projection, u, config.token_dim, config.seed, covariances)
-        k = unit_k(u, config.proj_dim, config.exact_max)
+        k = unit_k(u, config.proj_dim, config.exact_max, config.proj_dim_in)
         return random_projector(u, k, config.seed) if covariances is None else \
             fitted_projector(config.projection, u, k, config.seed, covariances)
 
     if config.projection == "random":
         return {u.name: make(u) for u in units}
     if done:  # resuming: the eigenbasis was fitted and saved before the first batch
-        saved = from_arrays(units, config.proj_dim, config.seed, writer.read_projection(), fitted=True,
-                            exact_max=config.exact_max, token_dim=config.token_dim)
+        saved = from_arrays(units, config.proj_dim, config.seed, writer.read_projection(), config.projection,
+                            exact_max=config.exact_max, token_dim=config.token_dim, proj_dim_in=config.proj_dim_in)
         return {p.unit.name: p for p in saved}
     sample = np.random.default_rng(config.seed).permutation(len(encodings))[: config.fit_examples]
     lengths = [len(encodings[i]["input_ids"]) for i in sample]

@@ -151,8 +151,10 @@ def info(
     summary = Table(show_header=False, box=None)
     for key, value in (("model", m["model"]["path"]), ("task", m["model"]["task"]),
                        ("examples", f"{m['n']:,}"), ("labels", ", ".join(m["label_names"])),
-                       ("projection", f"{m['build']['projection']}, {m['build']['proj_dim']} per side"),
-                       ("metric", m["metric"]), ("FAISS", m["index_factory"]),
+                       ("projection", f"{m['build']['projection']}, " + (f"{m['build']['proj_dim']} per side" if m["build"].get("proj_dim_in") in (None, m["build"]["proj_dim"])
+                                       else f"{m['build']['proj_dim_in']} in x {m['build']['proj_dim']} out")),
+                       ("metric", f"{m['metric']} by default; answers {' and '.join(store.metrics)}"),
+                       ("FAISS", m["index_factory"]),
                        ("data", m["data"]["path"]), ("size", render.human(sum(sizes.values())))):
         summary.add_row(f"[bold]{key}[/]", shown(str(value)))
     console.print(summary)
@@ -176,7 +178,7 @@ def query(
     completion: Optional[str] = typer.Option(None, "--completion", help="Causal LM: the completion of --text to explain; default: the model's greedy continuation (printed)."),
     pair: Optional[str] = typer.Option(None, "--pair", help="Second text of a pair, if the model takes pairs."),
     label: Optional[str] = typer.Option(None, "--label", "-l", help="Label to explain (id or name); default: the model's prediction."),
-    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl): one result each (JSON lines with --json), or one for all with --aggregate."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl): one result each (JSON lines with --json), or one for all with --aggregate; the predictions are explained unless --label-col names the labels to explain."),
     ids: Optional[list[int]] = typer.Option(None, "--id", help="Explain training example N from its stored vectors (no model is loaded); repeat for several."),
     config: QueryConfig = None,
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
@@ -199,8 +201,9 @@ def query(
     if result is not None:
         pass
     elif file is not None:
-        examples = index.kind.read(file, label2id=index.label2id, queries=True)
-        labels = examples.labels or [None] * len(examples)
+        examples = index.kind.read(file, text_col=config.text_col, pair_col=config.pair_col,
+                                   label_col=config.label_col, label2id=index.label2id, queries=True)
+        labels = examples.labels if config.label_col and examples.labels else [None] * len(examples)
         with _progress() as index.progress:  # the spinner while the model loads
             if config.aggregate:
                 result = index.query(examples.texts, examples.pairs, labels, config, completion=examples.completions)
@@ -229,7 +232,7 @@ def _ask_server(index_dir: Path, *, text, pair, label, completion, config: Query
     from .client import remote_query
 
     request = {"text": text, "pair": pair, "label": label, "completion": completion,
-               "k": config.k, "layers": config.layers, "agg": config.agg}
+               "k": config.k, "layers": config.layers, "agg": config.agg, "metric": config.metric}
     return remote_query(index_dir, {key: value for key, value in request.items() if value is not None})
 
 

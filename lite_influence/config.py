@@ -81,12 +81,13 @@ class BuildConfig(ModelOptions, Columns):
 
     layers: str = option("attention", "Which units to index: attention (embeddings, attention linears, head), mlp, all, a group (early, middle, late, embeddings, head), a layer (block3) or a regex over module names; comma-separated.")
     granularity: str = option("layer", "One index per transformer block ('layer') or per weight matrix ('unit').")
-    projection: str = option("pca", "pca: fitted Kronecker eigenbasis (best average fidelity); hybrid: input side half eigenbasis, half an unbiased sketch of the rest, rare tokens sketched (finds more planted causes, lower fidelity: README, Projection); random: seeded Gaussian (needs no fitting pass).")
+    projection: str = option("pca", "pca: fitted Kronecker eigenbasis (best average fidelity); mixed: seeded random input side, eigenbasis output side (finds more planted causes; use with --proj-dim-in 64 --proj-dim 4); hybrid: input side half eigenbasis, half an unbiased sketch of the rest; random: seeded Gaussian (needs no fitting pass). README, Projection.")
     proj_dim: int = option(8, "Dims kept per side of each weight matrix; a unit stores proj_dim^2 numbers (a BERT block of 4 attention matrices: 4 x 64 = 256).")
+    proj_dim_in: int | None = option(None, "Dims kept on each weight matrix's input (activation) side when it differs from --proj-dim, which then sizes the output (gradient) side: e.g. --projection mixed --proj-dim-in 64 --proj-dim 4.")
     token_dim: int = option(64, "Word embeddings: their token side is kept exactly (sparse rows: each example keeps this many numbers per distinct token, so a rare token is never mixed with others); 0 projects them like any unit (--proj-dim per side).")
     exact_max: int = option(1024, "A weight matrix with one side no wider than --proj-dim and at most this many numbers is stored exactly, not projected (a 2-class head of a 384-wide model: 770 numbers); 0 projects everything.")
     fit_examples: int = option(256, "Training examples used to fit the pca eigenbasis (one extra forward/backward pass over them).")
-    metric: str = option("cosine", "cosine: normalise vectors (best for lookup); dot: raw TracIn inner products (the paper's score).")
+    metric: str = option("cosine", "The metric queries and audits use unless they pass --metric: cosine (normalised gradients, best for lookup) or dot (raw TracIn inner products, the paper's score); every index answers both, and approximate (non-Flat) FAISS indexes search by cosine.")
     index_factory: str = option("Flat", "FAISS index factory string: Flat (exact), HNSW32, IVF256,Flat, PQ32, ...")
     batch_size: int = option(16, "Examples per forward/backward pass.")
     seed: int = option(0, "Seed for the random projection, the fitting sample and a newly initialised head.")
@@ -104,25 +105,35 @@ class BuildConfig(ModelOptions, Columns):
             raise UserError(f"unknown metric '{self.metric}'; use one of {', '.join(METRICS)}")
         _at_least(self, ("proj_dim", "batch_size", "max_length", "fit_examples"), 1)
         _at_least(self, ("exact_max", "seed", "token_dim"), 0)
-        _at_least(self, ("limit", "num_labels"), 1, optional=True)
+        _at_least(self, ("limit", "num_labels", "proj_dim_in"), 1, optional=True)
         if self.num_labels == 1:
             raise UserError("--num-labels must be at least 2: a classifier with one class learns nothing.")
         check_factory(self.index_factory)
         return self
 
 
+def _check_metric(metric: str | None) -> None:
+    from .store import METRICS
+
+    if metric is not None and metric not in METRICS:
+        raise UserError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
+
+
 AGGREGATIONS = ("mean", "rank", "vote")  # aggregate.py's names; kept here so config stays light
 
 
 @dataclass
-class QueryConfig(Options):
-    """Options of ``lite-influence query``."""
+class QueryConfig(Columns):
+    """Options of ``lite-influence query``. The columns are those of ``--file``; a file's labels
+    are explained only when ``--label-col`` names their column, else the model's predictions
+    (what "why did it say this?" asks)."""
 
     k: int = option(10, "How many proponents and opponents to show.", flag="--k", short="-k")
     layers: str = option("all", "Layers to search: a group (embeddings, early, middle, late, head, all) or layer names, comma-separated.")
     agg: str = option("vote", "How the layers' lists are combined: vote (weighted by rank), rank (mean rank) or mean (mean exact score).")
     vote_p: float = option(0.2, "Vote: each layer's list votes for its top p fraction of the training set (as in audit); -k only truncates the combined ranking.")
     batch_size: int = option(16, "Queries per forward/backward pass (with --file).")
+    metric: str | None = option(None, "cosine (normalised gradients, best for lookup) or dot (raw TracIn inner products); default: the index's (build --metric). One build answers both.")
     aggregate: bool = option(False, "With --file or several --id: one ranking for all the queries together instead of one result per query.")
     max_new_tokens: int = option(20, "Causal LM without --completion: explain the model's greedy continuation of up to this many tokens (it stops at end-of-text).")
 
@@ -131,6 +142,7 @@ class QueryConfig(Options):
             raise UserError(f"unknown aggregation '{self.agg}'; use one of {', '.join(AGGREGATIONS)}")
         if self.k < 1:
             raise UserError(f"-k must be at least 1, got {self.k}")
+        _check_metric(self.metric)
         if not 0 < self.vote_p <= 1:
             raise UserError(f"--vote-p must be a fraction in (0, 1], got {self.vote_p}")
         _at_least(self, ("batch_size", "max_new_tokens"), 1)
@@ -146,6 +158,7 @@ class AuditConfig(Columns):
     correct_only: bool = option(False, "Also report the -c variants: only queries the model predicts correctly.")
     vote_p: float = option(0.2, "Vote: each (layer, query) list votes for its bottom p fraction of training examples.")
     levels: str = option("10,20,30", "NDR levels in percent of the training set, comma-separated.")
+    metric: str | None = option(None, "cosine or dot: how influence compares gradients; default: the index's (build --metric). One build answers both.")
     noise_col: str | None = option(None, "Column of the indexed training data flagging known-mislabeled examples (1/true); default: 'noisy' when present.")
     batch_size: int = option(16, "Queries per forward/backward pass.")
 
@@ -170,6 +183,7 @@ class AuditConfig(Columns):
 
     def validate(self):
         self.level_fractions, self.agg_list
+        _check_metric(self.metric)
         if not 0 < self.vote_p <= 1:
             raise UserError(f"--vote-p must be in (0, 1], got {self.vote_p}")
         _at_least(self, ("batch_size",), 1)

@@ -116,12 +116,10 @@ def run_demo(folder: str | Path, *, n_train: int = 400, noise: float = 0.2, epoc
     lap("train")
     used = next((folder / "model").glob("train_used.*"))
     common = dict(max_length=32, seed=seed, progress=progress, force=True)
-    audit_index = build_index(folder / "model", used, folder / "index-dot", metric="dot", **common)
-    lookup_index = build_index(folder / "model", used, folder / "index", metric="cosine", **common)
+    lookup_index = audit_index = build_index(folder / "model", used, folder / "index", **common)  # both metrics
     lap("build")
-    audit = audit_index.audit(data["queries"], aggs="mean,rank,vote", progress=progress)
-    files = {"train data": used, "model": folder / "model", "index (cosine, lookup)": lookup_index.path,
-             "index (dot, audit)": audit_index.path,
+    audit = audit_index.audit(data["queries"], aggs="mean,rank,vote", metric="dot", progress=progress)
+    files = {"train data": used, "model": folder / "model", "index (lookup: cosine, audit: dot)": lookup_index.path,
              "ranking": audit.export(folder / "ranking.tsv", audit_index.examples, agg="vote"),
              "detection curves": detection_curves(audit, folder / "detection_curves.png"),
              "per-layer bars": layer_bars(audit, folder / "layers.png")}

@@ -17,31 +17,46 @@ import numpy as np
 from .aggregate import aggregate
 
 
-def nearest(store, layer: str, queries: np.ndarray, sign: float, depth: int) -> list[np.ndarray]:
+def nearest(store, layer: str, queries, sign: float, depth: int, metric: str) -> list[np.ndarray]:
     """Per query, the ids of the ``depth`` examples of highest ``sign`` * influence, in
-    exact order. ``queries`` are prepared (``store.layer(layer).prepare``)."""
+    exact order. ``queries`` are prepared (``store.layer(layer).prepare``) for ``metric``."""
     from .aggregate import order
 
     n = store.n
     depth = min(depth, n)
     view = store.layer(layer)
-    if view.kind != "dense":  # token rows: no FAISS, exact scores over the query tokens' postings
-        full = sign * view.scores(queries)
+    if not view.searchable(metric):  # token rows, or dot on unit rows: exact scores of all
+        full = sign * view.scores(queries, metric)
         return [order(full[:, q], higher_first=True)[:depth] for q in range(full.shape[1])]
     margin = min(n - depth, max(16, depth // 100))
     _, candidates = store.search(layer, sign * queries, depth + margin)
     result = []
     for q, ids in enumerate(candidates):
         ids = ids[ids >= 0]
-        exact = store.vectors(layer, ids).astype(np.float64) @ queries[q].astype(np.float64)
+        exact = view.vectors(ids, metric).astype(np.float64) @ queries[q].astype(np.float64)
         result.append(ids[np.lexsort((ids, -sign * exact))[:depth]])
     return result
 
 
 def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: float, k: int,
-           agg: str, vote_p: float = 0.2) -> list[dict]:
+           agg: str, vote_p: float = 0.2, metric: str | None = None) -> list[dict]:
     """Top-k rows (proponents: sign 1, opponents: -1) of the queries ``vectors`` (raw, layer
-    -> (queries, dim), or token rows) over ``layers``, combined by ``agg``; see ``InfluenceIndex.query``.
+    -> (queries, dim), or token rows) over ``layers``, combined by ``agg``, compared by
+    ``metric`` (default: the index's); see ``InfluenceIndex.query``."""
+    scores = layer_scores(store, vectors, layers, store.check_metric(metric))
+    return ranked_rows(store, examples, scores, layers, sign, k, agg, vote_p)
+
+
+def layer_scores(store, vectors: dict, layers: list[str], metric: str) -> dict[str, np.ndarray]:
+    """Every stored example's exact influence on each query: layer -> (N, queries) float64,
+    computed once for both the proponents and the opponents."""
+    views = {layer: store.layer(layer) for layer in layers}
+    return {layer: view.scores(view.prepare(vectors[layer], metric), metric) for layer, view in views.items()}
+
+
+def ranked_rows(store, examples: list[dict], scores: dict, layers: list[str], sign: float, k: int,
+                agg: str, vote_p: float = 0.2) -> list[dict]:
+    """The top-k rows of ``layer_scores`` for one side (``sign``).
 
     The ranking does not depend on ``k``, which only truncates it: every (layer, query) list
     is scored exactly against every stored vector; rank averages full ranks, mean full scores,
@@ -49,8 +64,7 @@ def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: 
     audit does). ``retrieved_in`` names the layers in whose own top k the row is."""
     from .aggregate import order, vote_depth
 
-    exact = {layer: sign * store.layer(layer).scores(store.layer(layer).prepare(vectors[layer]))
-             for layer in layers}  # (N, queries) per layer
+    exact = {layer: sign * scores[layer] for layer in layers}  # (N, queries) per layer
     depth = vote_depth(store.n, vote_p) if agg == "vote" else store.n
     full = {layer: [order(exact[layer][:, q], higher_first=True) for q in range(exact[layer].shape[1])]
             for layer in layers}  # each list sorted once, for the aggregate and for retrieved_in

@@ -1,8 +1,8 @@
 """Kronecker projections: a unit's gradient G (out x in) becomes R_out^T G R_in (k_out x k_in).
 
 Because G = sum_t delta_t x_t^T, the projection is sum_t (R_out^T delta_t)(R_in^T x_t)^T, so
-it is computed from the two sides separately and the full gradient is never formed. Three ways
-to choose R (DESIGN.md):
+it is computed from the two sides separately and the full gradient is never formed. Ways to
+choose R (DESIGN.md):
 
 * ``random``: Gaussian entries with variance 1/k on each side, so E<phi(a), phi(b)> equals
   <G(a), G(b)>. Generated on the CPU from (seed, unit name, side): any machine regenerates the
@@ -11,7 +11,10 @@ to choose R (DESIGN.md):
   covariance sum delta delta^T (the K-FAC eigenbasis), fitted on a sample of the training set.
   They keep the directions where gradients live, so far more of the inner product survives at
   the same size. Stored in the index with their eigenvalues.
-* ``hybrid`` (the default): the eigenbasis's top directions plus a random sketch of what they
+* ``mixed``: a seeded random input side and the eigenbasis output side, each of its own size
+  (``--proj-dim-in``, ``--proj-dim``): a rare input feature (a trigger token's activations)
+  keeps its unbiased share, and a few-class loss's gradients live in few output directions.
+* ``hybrid``: the eigenbasis's top directions plus a random sketch of what they
   leave out, so a rare cause (a backdoor token, a feature few examples share) keeps a share of
   the inner product instead of none (DESIGN.md, "What a sketch must keep"). A dense side is
   ``[U_top, c (I - U U^T) G / sqrt(k2)]`` with G seeded Gaussian (dim x k2): with c = 1, R R^T
@@ -23,19 +26,13 @@ to choose R (DESIGN.md):
   trigger token's activations) lives off the input's usual directions; the output-gradient
   side is the eigenbasis alone, because gradients of a few-class loss live in few directions
   and random columns there cost fidelity for every pair (measured: random output sides lose
-  up to 0.25 Spearman on the blocks, random input sides keep the planted share). The embeddings' token side
-  keeps the most frequent tokens exactly and count-sketches every other token into the
-  remaining columns (column h(v), sign s(v), both seeded): a rare token's row is never
-  dropped. The matrices are stored in projection.npz like pca's, so the store and hooks are
-  unchanged, and an index keeps the matrices it was built with when these defaults change.
+  up to 0.25 Spearman on the blocks). A projected embeddings' token side keeps the most
+  frequent tokens exactly and count-sketches the others (column h(v), sign s(v), seeded).
 
-The word embeddings' token side is by default not projected at all (``token_projector``,
-``--token-dim``): each example keeps its own tokens' rows exactly, as sparse rows
-(store/token_rows.py), with the hidden side projected like any output side. Measured on
-MiniLM/SST-2 (benchmarks/fidelity.py): Spearman vs exact 0.877 / 0.934 / 0.962 / 0.984 at
-16 / 32 / 64 / 128 hidden dims per token, against 0.794 for the projected token side below,
-and every planted backdoor example found (benchmarks/planted_backdoor.py). What follows about
-the embeddings' token side applies to ``--token-dim 0`` and to tied embeddings.
+By default the word embeddings' token side is not projected at all (``token_projector``,
+``--token-dim``): each example keeps its own tokens' rows exactly (store/token_rows.py; README,
+Projection, for the figures). What follows about that side is for ``--token-dim 0`` and tied
+embeddings.
 
 A side whose dimension is not larger than k is kept exactly (identity): a 2-class head's
 output side costs 2 dims and loses nothing. The embeddings' input side (one-hot tokens) has a
@@ -66,8 +63,8 @@ import torch
 from .errors import UserError
 from .layers import MAX_COVARIANCE_DIM, Unit
 
-PROJECTIONS = ("random", "pca", "hybrid")
-FITTED = ("pca", "hybrid")  # projections fitted in a pass over the data and stored in the index
+PROJECTIONS = ("random", "pca", "hybrid", "mixed")
+FITTED = ("pca", "hybrid", "mixed")  # projections fitted in a pass over the data and stored in the index
 
 # Share of a side's k columns that hybrid gives to the eigenbasis; the rest sketch the
 # complement. Chosen from benchmarks/fidelity.py and benchmarks/planted_backdoor.py (README).
@@ -226,46 +223,57 @@ def pca_fits(unit: Unit, side: str) -> bool:
     return (unit.in_dim if side == "in" else unit.out_dim) <= MAX_COVARIANCE_DIM
 
 
-def stored_whole(unit: Unit, proj_dim: int, exact_max: int = 0) -> bool:
-    """A matrix with one side already no wider than ``proj_dim`` (kept exactly anyway) and at
-    most ``exact_max`` numbers in all: a classifier head, a small LoRA matrix. Storing those
+def per_side(k) -> tuple[int, int]:
+    """(k_in, k_out) of a size given as one number for both sides or as a pair."""
+    return (k, k) if isinstance(k, int) else (int(k[0]), int(k[1]))
+
+
+def stored_whole(unit: Unit, proj_dim: int, exact_max: int = 0, proj_dim_in: int | None = None) -> bool:
+    """A matrix with one side already no wider than the projection (kept exactly anyway) and
+    at most ``exact_max`` numbers in all: a classifier head, a small LoRA matrix. Storing those
     whole costs little, and the projection of their other side was the only thing lost."""
-    return min(unit.in_dim, unit.out_dim) <= proj_dim and unit.in_dim * unit.out_dim <= exact_max
+    widest = max(proj_dim, proj_dim_in or proj_dim)
+    return min(unit.in_dim, unit.out_dim) <= widest and unit.in_dim * unit.out_dim <= exact_max
 
 
-def unit_k(unit: Unit, proj_dim: int, exact_max: int = 0) -> int:
-    """Dims kept per side of a unit: ``proj_dim``, or all of them when ``stored_whole``. A
-    side no wider than k is the identity (``Side``), so it keeps min(k, width) dims."""
-    return max(unit.in_dim, unit.out_dim) if stored_whole(unit, proj_dim, exact_max) else proj_dim
+def unit_k(unit: Unit, proj_dim: int, exact_max: int = 0, proj_dim_in: int | None = None):
+    """Dims kept per side of a unit: ``proj_dim`` on both, or (``proj_dim_in``, ``proj_dim``)
+    when the input side has its own size, or all of them when ``stored_whole``. A side no
+    wider than its k is the identity (``Side``), so it keeps min(k, width) dims."""
+    if stored_whole(unit, proj_dim, exact_max, proj_dim_in):
+        return max(unit.in_dim, unit.out_dim)
+    return proj_dim if proj_dim_in in (None, proj_dim) else (proj_dim_in, proj_dim)
 
 
-def unit_dim(unit: Unit, proj_dim: int, exact_max: int = 0) -> int:
+def unit_dim(unit: Unit, proj_dim: int, exact_max: int = 0, proj_dim_in: int | None = None) -> int:
     """Numbers one example's vector holds for this unit, as its projector will have them."""
-    k = unit_k(unit, proj_dim, exact_max)
-    return min(k, unit.in_dim) * min(k, unit.out_dim)
+    k_in, k_out = per_side(unit_k(unit, proj_dim, exact_max, proj_dim_in))
+    return min(k_in, unit.in_dim) * min(k_out, unit.out_dim)
 
 
 def clamp_note(units: list[Unit], layers: dict[str, list[Unit]], proj_dim: int, exact_max: int,
-               hidden: int | None) -> str | None:
-    """One line when ``proj_dim`` is wider than sides of the model's width, which are then kept
-    at their full width (the identity: exact, but fewer dims than --proj-dim asks for); None
+               hidden: int | None, proj_dim_in: int | None = None) -> str | None:
+    """One line when a side's size is wider than sides of the model's width, which are then
+    kept at their full width (the identity: exact, but fewer dims than asked for); None
     otherwise. Only sides at least ``hidden`` wide count: a head's class side (2 < 8) or a LoRA
     rank side narrower than proj_dim is the documented, expected case, not a request cut
     short; units stored whole by --exact-max are what that option asks for. Said at build
     time, before the fitting pass, with the dims the index will store."""
     if not hidden:
         return None
-    clamped = [u for u in units if not stored_whole(u, proj_dim, exact_max)
-               and any(hidden <= side < proj_dim for side in (u.in_dim, u.out_dim))]
+    k_in, k_out = proj_dim_in or proj_dim, proj_dim
+    clamped = [u for u in units if not stored_whole(u, proj_dim, exact_max, proj_dim_in)
+               and (hidden <= u.in_dim < k_in or hidden <= u.out_dim < k_out)]
     if not clamped:
         return None
     blocks = {name: us for name, us in layers.items() if name == f"block{us[0].block}"}
     scope, where = (blocks, "block") if blocks else (layers, "layer")
-    sizes = sorted({(sum(unit_dim(u, proj_dim, exact_max) for u in us), len(us) * proj_dim**2)
+    sizes = sorted({(sum(unit_dim(u, proj_dim, exact_max, proj_dim_in) for u in us), len(us) * k_in * k_out)
                     for us in scope.values()})
     (low, asked), (high, _) = sizes[0], sizes[-1]
     stored = f"{low:,} dims per {where} instead of {asked:,}" if len(sizes) == 1 else f"{low:,}-{high:,} dims per {where}"
-    return (f"--proj-dim {proj_dim} exceeds the sides of {len(clamped)} unit{'s' * (len(clamped) > 1)} "
+    flag = f"--proj-dim {proj_dim}" if k_in == k_out else f"--proj-dim-in {k_in} / --proj-dim {k_out}"
+    return (f"{flag} exceeds the sides of {len(clamped)} unit{'s' * (len(clamped) > 1)} "
             f"(hidden {hidden}); they are stored at their full width, {stored}.")
 
 
@@ -292,44 +300,62 @@ def token_projector(kind: str, unit: Unit, token_dim: int, seed: int,
     return UnitProjector(unit, Side(None, unit.in_dim), out, tokens_exact=True)
 
 
-def random_projector(unit: Unit, k: int, seed: int) -> UnitProjector:
+def random_projector(unit: Unit, k, seed: int) -> UnitProjector:
+    """``k``: dims per side, or (k_in, k_out)."""
+    k_in, k_out = per_side(k)
     return UnitProjector(
         unit,
-        random_side(unit.in_dim, k, seed, unit.name, "in"),
-        random_side(unit.out_dim, k, seed, unit.name, "out"),
+        random_side(unit.in_dim, k_in, seed, unit.name, "in"),
+        random_side(unit.out_dim, k_out, seed, unit.name, "out"),
     )
 
 
-def pca_projector(unit: Unit, k: int, seed: int, covariances: dict[str, torch.Tensor]) -> UnitProjector:
+def pca_projector(unit: Unit, k, seed: int, covariances: dict[str, torch.Tensor]) -> UnitProjector:
     """Eigenbasis on the sides that have a covariance, seeded random on the others."""
-    sides = {}
+    sizes, sides = dict(zip(("in", "out"), per_side(k))), {}
     for side, dim in (("in", unit.in_dim), ("out", unit.out_dim)):
         if side in covariances:
-            sides[side] = eigen_side(covariances[side], k)
+            sides[side] = eigen_side(covariances[side], sizes[side])
         else:
-            sides[side] = random_side(dim, k, seed, unit.name, side)
+            sides[side] = random_side(dim, sizes[side], seed, unit.name, side)
     return UnitProjector(unit, sides["in"], sides["out"])
 
 
-def hybrid_projector(unit: Unit, k: int, seed: int, covariances: dict[str, torch.Tensor],
+def mixed_projector(unit: Unit, k, seed: int, covariances: dict[str, torch.Tensor]) -> UnitProjector:
+    """Seeded random input side, eigenbasis output side (module docstring)."""
+    k_in, k_out = per_side(k)
+    out = eigen_side(covariances["out"], k_out) if "out" in covariances else \
+        random_side(unit.out_dim, k_out, seed, unit.name, "out")
+    return UnitProjector(unit, random_side(unit.in_dim, k_in, seed, unit.name, "in"), out)
+
+
+def hybrid_projector(unit: Unit, k, seed: int, covariances: dict[str, torch.Tensor],
                      kept: dict[str, int] | None = None, scale: float | None = None) -> UnitProjector:
     """Eigenbasis plus complement sketch on the fitted sides, seeded random on the others.
     ``kept``: eigen columns per side ("in", "out"), overriding ``hybrid_kept``; ``scale``:
     the complement's weight on every side, overriding ``HYBRID_SCALE`` (benchmarks, tests)."""
-    sides = {}
+    sizes, sides = dict(zip(("in", "out"), per_side(k))), {}
     for side, dim in (("in", unit.in_dim), ("out", unit.out_dim)):
         if side in covariances:
-            sides[side] = hybrid_side(unit, side, covariances[side], k, seed, (kept or {}).get(side), scale)
+            sides[side] = hybrid_side(unit, side, covariances[side], sizes[side], seed, (kept or {}).get(side), scale)
         else:
-            sides[side] = random_side(dim, k, seed, unit.name, side)
+            sides[side] = random_side(dim, sizes[side], seed, unit.name, side)
     return UnitProjector(unit, sides["in"], sides["out"])
 
 
-def fitted_projector(kind: str, unit: Unit, k: int, seed: int,
+def fitted_projector(kind: str, unit: Unit, k, seed: int,
                      covariances: dict[str, torch.Tensor]) -> UnitProjector:
     """The projector of a fitted projection (``FITTED``) from the unit's covariances."""
-    return hybrid_projector(unit, k, seed, covariances) if kind == "hybrid" else \
-        pca_projector(unit, k, seed, covariances)
+    make = {"hybrid": hybrid_projector, "mixed": mixed_projector}.get(kind, pca_projector)
+    return make(unit, k, seed, covariances)
+
+
+def fitted_side(kind: str, unit: Unit, side: str) -> bool:
+    """Whether projection ``kind`` stores a fitted matrix for this side of this unit (else it
+    is regenerated from the seed)."""
+    if kind not in FITTED or not pca_fits(unit, side):
+        return False
+    return side == "out" if kind == "mixed" else True
 
 
 def to_arrays(projectors: list[UnitProjector]) -> dict[str, np.ndarray]:
@@ -345,19 +371,22 @@ def to_arrays(projectors: list[UnitProjector]) -> dict[str, np.ndarray]:
 
 
 def from_arrays(units: list[Unit], proj_dim: int, seed: int, arrays: dict[str, np.ndarray],
-                fitted: bool, exact_max: int = 0, token_dim: int = 0) -> list[UnitProjector]:
-    """Rebuild projectors from stored eigenbases, regenerating the random sides. ``fitted``:
-    the index used a fitted projection (``FITTED``), so every side ``pca_fits`` must be stored; a missing
-    one would silently become random and give wrong scores."""
+                projection: str, exact_max: int = 0, token_dim: int = 0,
+                proj_dim_in: int | None = None) -> list[UnitProjector]:
+    """Rebuild projectors from stored eigenbases, regenerating the random sides. Every side
+    that ``projection`` fits (``fitted_side``) must be stored; a missing one would silently
+    become random and give wrong scores."""
     projectors = []
     for unit in units:
         tokens = keeps_tokens(unit, token_dim)
-        sides, k = {}, min(token_dim, unit.out_dim) if tokens else unit_k(unit, proj_dim, exact_max)
+        sizes = dict(zip(("in", "out"), per_side(min(token_dim, unit.out_dim) if tokens else
+                                                 unit_k(unit, proj_dim, exact_max, proj_dim_in))))
+        sides = {}
         for side, dim in (("in", unit.in_dim), ("out", unit.out_dim)):
-            key = f"{unit.name}/{side}"
+            key, k = f"{unit.name}/{side}", sizes[side]
             if tokens and side == "in":
                 continue
-            if fitted and pca_fits(unit, side) and k < dim and key not in arrays:
+            if fitted_side(projection, unit, side) and k < dim and key not in arrays:
                 raise UserError(f"the index's projection.npz lacks the eigenbasis {key}; rebuild the index.")
             if key in arrays:
                 sides[side] = Side(torch.from_numpy(np.array(arrays[key])), dim,

@@ -37,8 +37,10 @@ def print_query(result: dict, names: list[str]) -> None:
         console.print(f"[bold]{len(result['queries'])} queries[/], {greedy} whose completion is the model's argmax")
     elif len(result["queries"]) == 1:
         console.print(f"[bold]query[/]: {shown(q['text'])}" + (f"  [dim]|[/] {shown(q['pair'])}" if q["pair"] else ""))
+        source = {"given": "the label asked for", "prediction": "the prediction"}.get(q.get("label_source"), "")
         console.print(f"prediction: [bold]{pred['label_name']}[/] (p={pred['probability']:.2f}); "
-                  f"explaining label [bold]{q['label_name']}[/], loss {q['loss']:.3f}")
+                      f"explaining label [bold]{q['label_name']}[/]" + (f" ({source})" if source else "")
+                      + f", loss {q['loss']:.3f}")
     else:
         correct = sum(x["prediction"]["label"] == x["label"] for x in result["queries"])
         console.print(f"[bold]{len(result['queries'])} queries[/], {correct} predicted as labelled")
@@ -55,16 +57,18 @@ def print_query(result: dict, names: list[str]) -> None:
         table.add_column("id", justify="right", no_wrap=True)
         table.add_column(score, justify="right", no_wrap=True)
         columns = ("prompt", "completion") if lm else ("label", "text")
-        table.add_column(columns[0], no_wrap=True, overflow="ellipsis", ratio=1 if lm else None)
-        table.add_column(columns[1], ratio=1, no_wrap=True, overflow="ellipsis")
-        table.add_column("layers", no_wrap=True, overflow="ellipsis", max_width=28)
+        # texts wrap (an 80-column terminal still shows whole sentences); the layers whose own
+        # top k holds the row are counted here and named in --json (retrieved_in)
+        table.add_column(columns[0], overflow="fold", ratio=1 if lm else None, max_width=None if lm else 12)
+        table.add_column(columns[1], ratio=3 if lm else 1, overflow="fold")
+        table.add_column("in top k", no_wrap=True, justify="right")
         for row in result[side]:
             label = row["label"]
             name = names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
             flag = " [yellow](noisy)[/]" if truthy(row["extra"].get("noisy", "")) else ""
             cells = ((shown(str(row["text"])), shown(str(row.get("completion"))) + flag) if lm
                      else (shown(name) + flag, shown(str(row["text"]))))
-            table.add_row(str(row["id"]), f"{row['score']:.3g}", *cells, ",".join(row["retrieved_in"]))
+            table.add_row(str(row["id"]), f"{row['score']:.3g}", *cells, f"{len(row['retrieved_in'])}/{len(result['layers'])}")
         console.print(table)
 
 

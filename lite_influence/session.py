@@ -102,9 +102,8 @@ def _projectors(manifest: dict, store, layers: dict, build: BuildConfig) -> list
     from .projection import from_arrays
 
     units = [u for us in layers.values() for u in us]
-    projectors = from_arrays(units, build.proj_dim, build.seed, store.projection_arrays(),
-                             fitted=build.projection != "random", exact_max=build.exact_max,
-                             token_dim=build.token_dim)
+    projectors = from_arrays(units, build.proj_dim, build.seed, store.projection_arrays(), build.projection,
+                             exact_max=build.exact_max, token_dim=build.token_dim, proj_dim_in=build.proj_dim_in)
     dims = {p.unit.name: p.dim for p in projectors}
     for layer in manifest["layers"]:
         dim = sum(dims[u["name"]] for u in layer["units"])

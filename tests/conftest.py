@@ -126,16 +126,18 @@ def run_cli(capsys, *args):
     return code, captured.out, captured.err
 
 
-def dense_rows(index, layer, vectors=None):
-    """A layer's vectors as one dense float64 matrix: the stored ones (unit rows for cosine)
-    or, given, raw query vectors; exact token rows (the embeddings) expanded to (n, vocab x k),
-    which makes every brute-force numpy reference of the tests a reference for them too."""
+def dense_rows(index, layer, vectors=None, metric=None):
+    """A layer's vectors as one dense float64 matrix: the stored ones as ``metric`` (default:
+    the index's) compares them (unit rows for cosine, raw for dot) or, given, raw query
+    vectors; exact token rows (the embeddings) expanded to (n, vocab x k), which makes every
+    brute-force numpy reference of the tests a reference for them too."""
     import numpy as np
 
     store = getattr(index, "store", index)
+    metric = metric or store.metric
     view = store.layer(layer)
     if view.kind == "dense":
-        return np.asarray(view.vectors() if vectors is None else vectors, np.float64)
+        return np.asarray(view.vectors(None, metric) if vectors is None else vectors, np.float64)
     rows = view.stored if vectors is None else vectors
     vocab = store.layer_info(layer)["units"][0]["in_dim"]
     dense = np.zeros((rows.n, vocab, rows.k))
@@ -143,7 +145,7 @@ def dense_rows(index, layer, vectors=None):
         tokens, values = rows.row(i)
         dense[i, tokens] = values
     dense = dense.reshape(rows.n, -1)
-    if vectors is None and store.metric == "cosine":
+    if vectors is None and metric == "cosine":
         norms = np.linalg.norm(dense, axis=1, keepdims=True)
         dense = dense / np.where(norms > 0, norms, 1)
     return dense

@@ -428,3 +428,42 @@ def test_query_file_gives_one_result_per_query_unless_aggregated(bert_dir, train
     together = json.loads(out)
     assert len(together["queries"]) == 3
     assert [r["id"] for r in together["proponents"]] == [r["id"] for r in index.query(texts, k=3, agg="rank")["proponents"]]
+
+
+def test_query_file_explains_its_labels_only_when_asked(bert_dir, train_tsv, tmp_path, capsys):
+    """A query file with a label column: the predictions are explained unless --label-col
+    names the labels, and each result says which label it explains and where it came from."""
+    import json
+
+    from conftest import run_cli
+
+    index = build_index(bert_dir, train_tsv, tmp_path / "index", projection="random", proj_dim=4)
+    texts = ["good movie", "awful plot very dull"]
+    predicted = [index.query(t, k=1)["prediction"]["label"] for t in texts]
+    queries = write_tsv(tmp_path / "q.tsv", ["text", "label"], [[t, 1 - p] for t, p in zip(texts, predicted)])
+    code, out, err = run_cli(capsys, "query", index.path, "--file", queries, "--json", "-k", "2")
+    assert code == 0, err
+    lines = [json.loads(line)["query"] for line in out.splitlines()]
+    assert [q["label"] for q in lines] == predicted and {q["label_source"] for q in lines} == {"prediction"}
+    code, out, err = run_cli(capsys, "query", index.path, "--file", queries, "--json", "-k", "2", "--label-col", "label")
+    assert code == 0, err
+    lines = [json.loads(line)["query"] for line in out.splitlines()]
+    assert [q["label"] for q in lines] == [1 - p for p in predicted] and {q["label_source"] for q in lines} == {"given"}
+    code, out, err = run_cli(capsys, "query", index.path, "--text", texts[0], "-k", "2")
+    assert code == 0, err
+    assert "(the prediction)" in out
+
+
+def test_query_table_wraps_whole_texts_on_an_80_column_terminal(bert_dir, train_tsv, tmp_path, capsys, monkeypatch):
+    from conftest import run_cli
+
+    monkeypatch.setenv("COLUMNS", "80")
+    long_text = " ".join(WORDS)  # 21 words, longer than a row of 80 columns
+    rows = [[long_text, 1]] + [line.split("\t") for line in train_tsv.read_text().splitlines()[1:]]
+    data = write_tsv(tmp_path / "long.tsv", ["sentence", "label"], rows)
+    index = build_index(bert_dir, data, tmp_path / "index", projection="random", proj_dim=4)
+    code, out, err = run_cli(capsys, "query", index.path, "--id", "0", "-k", "3")
+    assert code == 0, err
+    table = out.split("proponents")[1].split("opponents")[0]  # example 0 heads its own proponents
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "…" not in table and WORDS[-1] in table and WORDS[-2] in table  # wrapped, not cut

@@ -179,6 +179,7 @@ QUERY_CASES = [
      ["examples.jsonl", "missing", "rebuild"]),
     ("unknown layer", lambda c: (_query(c, "--text", "x", "--layers", "block9"), None), ["'block9'", "middle", "block2"]),
     ("unknown aggregation", lambda c: (_query(c, "--text", "x", "--agg", "median"), None), ["'median'", "mean", "rank", "vote"]),
+    ("unknown metric", lambda c: (_query(c, "--text", "x", "--metric", "euclid"), None), ["'euclid'", "cosine", "dot"]),
     ("k zero", lambda c: (_query(c, "--text", "x", "-k", "0"), None), ["-k", "at least 1"]),
     ("unknown label", lambda c: (_query(c, "--text", "x", "--label", "neutral"), None), ["'neutral'", "negative", "positive"]),
     ("neither text nor file", lambda c: (_query(c), None), ["--text", "--file"]),
@@ -199,6 +200,7 @@ AUDIT_CASES = [
     ("noise column absent", lambda c: (_audit(c, c["queries"], "--noise-col", "flipped"), None),
      ["'flipped'", "label, noisy, text"]),
     ("unknown aggregation", lambda c: (_audit(c, c["queries"], "--agg", "rank,median"), None), ["'median'", "mean", "rank", "vote"]),
+    ("unknown metric", lambda c: (_audit(c, c["queries"], "--metric", "l2"), None), ["'l2'", "cosine", "dot"]),
 ]
 
 

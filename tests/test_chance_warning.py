@@ -35,7 +35,7 @@ def test_untrained_head_warns_in_audit_and_query(bert_dir, data, capsys):
     index = _index(bert_dir, data, "untrained")
     result = index.audit(data["queries"], layers="all", aggs="rank")
     assert result.warning and "at chance" in result.warning
-    code, out, err = run_cli(capsys, "query", index.path, "--file", data["queries"], "-k", "2")
+    code, out, err = run_cli(capsys, "query", index.path, "--file", data["queries"], "--label-col", "label", "-k", "2")
     assert code == 0, err
     assert "at chance" in out
 

@@ -30,31 +30,35 @@ def brute_force(vectors, query, sign, depth):
     return np.lexsort((np.arange(len(vectors)), -sign * exact))[:depth]
 
 
-def setup(tmp_path, factory):
+def setup(tmp_path, factory, metric="dot"):
+    """Stored vectors as ``metric`` compares them (unit rows for cosine) and prepared queries."""
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(60, 6)).astype(np.float32)
     vectors[10] = vectors[3]  # identical vectors: the tie goes to the smaller id
-    store = write_store(tmp_path, vectors, factory=factory)
-    queries = store.prepare_queries(rng.normal(size=(3, 6)))
+    store = write_store(tmp_path, vectors, metric=metric, factory=factory)
+    queries = rng.normal(size=(3, 6)).astype(np.float32)
     queries[0] = vectors[3]
-    return vectors, store, queries
+    return store.vectors("layer"), store, store.prepare_queries(queries)
 
 
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_nearest_on_a_flat_index_equals_a_full_sort(tmp_path, sign):
-    vectors, store, queries = setup(tmp_path, "Flat")
+def test_nearest_on_a_flat_index_equals_a_full_sort(tmp_path, sign, metric):
+    vectors, store, queries = setup(tmp_path, "Flat", metric)
     for depth in (1, 5, 60):
-        found = nearest(store, "layer", queries, sign, depth)
+        found = nearest(store, "layer", queries, sign, depth, metric)
         for q, ids in enumerate(found):
             assert ids.tolist() == brute_force(vectors, queries[q], sign, depth).tolist()
 
 
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_nearest_on_an_approximate_index_orders_its_candidates_exactly(tmp_path, sign):
-    """HNSW may miss an example (rescoring cannot add what the search did not find), but
-    what it returns is in exact float64 order, ties by id, without duplicates."""
-    vectors, store, queries = setup(tmp_path, "HNSW8")
-    for q, ids in enumerate(nearest(store, "layer", queries, sign, 20)):
+def test_nearest_on_an_approximate_index_orders_its_candidates_exactly(tmp_path, sign, metric):
+    """HNSW (which holds unit rows: cosine searches it, dot scores every example) may miss an
+    example (rescoring cannot add what the search did not find), but what it returns is in
+    exact float64 order, ties by id, without duplicates."""
+    vectors, store, queries = setup(tmp_path, "HNSW8", metric)
+    for q, ids in enumerate(nearest(store, "layer", queries, sign, 20, metric)):
         assert len(ids) == len(set(ids.tolist())) == 20
         exact = sign * (vectors[ids].astype(np.float64) @ queries[q].astype(np.float64))
         assert ids.tolist() == ids[np.lexsort((ids, -exact))].tolist()
@@ -63,7 +67,7 @@ def test_nearest_on_an_approximate_index_orders_its_candidates_exactly(tmp_path,
 def test_depth_past_the_index_is_clamped(tmp_path):
     vectors = np.eye(4, dtype=np.float32)
     store = write_store(tmp_path, vectors)
-    (ids,) = nearest(store, "layer", store.prepare_queries(np.ones((1, 4))), 1.0, 10)
+    (ids,) = nearest(store, "layer", store.prepare_queries(np.ones((1, 4))), 1.0, 10, "dot")
     assert ids.tolist() == [0, 1, 2, 3]
 
 

@@ -53,7 +53,7 @@ def test_random_projector_regenerates_identically():
     assert torch.equal(first.out.matrix, second.out.matrix)
     assert first.dim == 9
     # regenerated through from_arrays with nothing stored
-    again = from_arrays([u], 3, 7, {}, fitted=False)[0]
+    again = from_arrays([u], 3, 7, {}, "random")[0]
     assert torch.equal(again.inp.matrix, first.inp.matrix) and torch.equal(again.out.matrix, first.out.matrix)
 
 
@@ -133,12 +133,12 @@ def test_pca_projector_round_trips_through_arrays():
     arrays = to_arrays([fitted])
     assert set(arrays) == {"block.q/in", "block.q/in_eigenvalues", "block.q/out", "block.q/out_eigenvalues"}
     arrays = {k: v.copy() for k, v in arrays.items()}  # as if read back from projection.npz
-    (back,) = from_arrays([u], 3, 5, arrays, fitted=True)
+    (back,) = from_arrays([u], 3, 5, arrays, "pca")
     for a, b in ((fitted.inp, back.inp), (fitted.out, back.out)):
         assert torch.equal(a.matrix, b.matrix) and torch.equal(a.eigenvalues, b.eigenvalues)
     with pytest.raises(UserError, match="lacks the eigenbasis block.q/in"):
-        from_arrays([u], 3, 5, to_arrays([half]), fitted=True)  # a pca index missing a side
-    (back_half,) = from_arrays([u], 3, 5, to_arrays([half]), fitted=False)
+        from_arrays([u], 3, 5, to_arrays([half]), "pca")  # a pca index missing a side
+    (back_half,) = from_arrays([u], 3, 5, to_arrays([half]), "random")
     assert torch.equal(back_half.out.matrix, half.out.matrix)
     assert torch.equal(back_half.inp.matrix, random_side(13, 3, 5, "block.q", "in").matrix)
     assert back_half.inp.eigenvalues is None
@@ -255,7 +255,7 @@ def test_hybrid_round_trips_through_arrays_and_old_indexes_still_read():
     cov_out, _ = _covariance(10, 3, seed=5)
     built = fitted_projector("hybrid", u, 4, 9, {"in": cov_in, "out": cov_out})
     arrays = {k: v.copy() for k, v in to_arrays([built]).items()}
-    (back,) = from_arrays([u], 4, 9, arrays, fitted="hybrid" in FITTED)
+    (back,) = from_arrays([u], 4, 9, arrays, "hybrid")
     assert torch.equal(back.inp.matrix, built.inp.matrix) and torch.equal(back.out.matrix, built.out.matrix)
     pca = fitted_projector("pca", u, 4, 9, {"in": cov_in, "out": cov_out})
     assert torch.equal(pca.inp.matrix, pca_projector(u, 4, 9, {"in": cov_in, "out": cov_out}).inp.matrix)
@@ -283,3 +283,44 @@ def test_hybrid_defaults_are_per_side_and_a_share_of_one_is_plain_pca(monkeypatc
     monkeypatch.setitem(projection.HYBRID_SCALE, "in", 0.5)
     shrunk = projection.fitted_projector("hybrid", u, 6, 0, {"in": cov_in, "out": cov_out}).inp.matrix[:, 3:]
     assert torch.allclose(shrunk, p.inp.matrix[:, 3:] * 0.5, atol=1e-6)
+
+
+def test_mixed_is_a_random_input_side_and_an_eigen_output_side_of_their_own_sizes():
+    """--projection mixed --proj-dim-in 6 --proj-dim 3: the input side is the seeded random
+    side at 6 columns (regenerated, not stored), the output side the top-3 eigenvectors of the
+    output covariance (stored), and the vector holds 6 x 3 numbers; it round-trips through the
+    index's arrays, and an index missing the eigenbasis is refused."""
+    from lite_influence.projection import fitted_projector, unit_k
+
+    u = unit(bias=True)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, u.out_dim))
+    cov = {"in": torch.eye(u.in_dim, dtype=torch.float64), "out": torch.from_numpy(a.T @ a)}
+    k = unit_k(u, 3, 0, 6)
+    assert k == (6, 3)
+    mixed = fitted_projector("mixed", u, k, 5, cov)
+    assert torch.equal(mixed.inp.matrix, random_side(u.in_dim, 6, 5, u.name, "in").matrix)
+    assert torch.equal(mixed.out.matrix, eigen_side(cov["out"], 3).matrix) and mixed.dim == 18
+    arrays = to_arrays([mixed])
+    assert set(arrays) == {f"{u.name}/out", f"{u.name}/out_eigenvalues"}
+    (back,) = from_arrays([u], 3, 5, arrays, "mixed", proj_dim_in=6)
+    assert torch.equal(back.inp.matrix, mixed.inp.matrix) and torch.equal(back.out.matrix, mixed.out.matrix)
+    with pytest.raises(UserError, match="lacks the eigenbasis"):
+        from_arrays([u], 3, 5, {}, "mixed", proj_dim_in=6)
+    x, delta = torch.randn(7, u.in_dim - 1), torch.randn(7, u.out_dim)
+    np.testing.assert_allclose(projected(mixed, x, delta).numpy(),
+                               (mixed.out.matrix.T @ exact(x, delta, True) @ mixed.inp.matrix).flatten().numpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_mixed_build_reproduces_its_vectors_through_the_session(bert_dir, train_tsv, tmp_path):
+    from lite_influence import build_index
+    from lite_influence.session import Session
+
+    index = build_index(bert_dir, train_tsv, tmp_path / "idx", projection="mixed", proj_dim=2, proj_dim_in=6,
+                        metric="dot", fit_examples=8)
+    block = next(l for l in index.manifest["layers"] if l["name"] == "block1")
+    assert {(u["k_in"], u["k_out"]) for u in block["units"]} == {(6, 2)} and block["dim"] == 4 * 12
+    rows = [line.split("\t") for line in train_tsv.read_text().splitlines()[1:]]
+    grads = Session(index.manifest, index.store).gradients([r[0] for r in rows], labels=[int(r[1]) for r in rows])
+    np.testing.assert_allclose(grads.vectors["block1"], index.vectors("block1"), rtol=1e-4, atol=1e-6)

@@ -51,7 +51,7 @@ def test_manifest_and_vectors_round_trip(built):
     assert json.loads((built.path / "manifest.json").read_text()) == reopened.manifest
     assert reopened.layers == LAYERS and len(reopened) == 12
     assert sorted(f.name for f in (built.path / "layers").iterdir()) == sorted(
-        [f"{l}.faiss" for l in FAISS_LAYERS] + ["embeddings.tokens"])
+        [f"{l}.{kind}" for l in FAISS_LAYERS for kind in ("faiss", "norms.npy")] + ["embeddings.tokens"])
     assert sorted(f.name for f in (built.path / "layers" / "embeddings.tokens").iterdir()) == [
         "indptr.npy", "tokens.npy", "values.npy"]
     ids = [7, 0, 11, 3]
@@ -74,38 +74,49 @@ def test_manifest_and_vectors_round_trip(built):
         reopened.vectors("block9")
 
 
-def test_cosine_stores_unit_vectors_and_dot_stores_raw(bert_dir, train_tsv, tmp_path):
+def test_one_build_answers_both_metrics(bert_dir, train_tsv, tmp_path):
+    """Unit rows for cosine and raw rows for dot, from one build whatever its --metric (which
+    only sets the default): raw rows are the training examples' own gradients, recomputed."""
+    from lite_influence.session import Session
+
     cosine = build_index(bert_dir, train_tsv, tmp_path / "cos", projection="random", metric="cosine")
     dot = build_index(bert_dir, train_tsv, tmp_path / "dot", projection="random", metric="dot")
+    rows = [line.split("\t") for line in train_tsv.read_text().splitlines()[1:]]
+    grads = Session(cosine.manifest, cosine.store).gradients([r[0] for r in rows], labels=[int(r[1]) for r in rows])
     for layer in LAYERS:
-        unit, raw = dense_rows(cosine, layer), dense_rows(dot, layer)
-        np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-5)
-        assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
-        np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+        expected = dense_rows(cosine, layer, grads.vectors[layer])
+        for index in (cosine, dot):
+            raw, unit = dense_rows(index, layer, metric="dot"), dense_rows(index, layer, metric="cosine")
+            np.testing.assert_allclose(raw, expected, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(unit, expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                                       rtol=1e-4, atol=1e-6)
+    for metric in ("dot", "cosine"):
+        a, b = cosine.query("good film", k=4, metric=metric), dot.query("good film", k=4, metric=metric)
+        assert [r["id"] for r in a["proponents"]] == [r["id"] for r in b["proponents"]]
+        assert a["metric"] == metric
+    assert cosine.query("good film", k=2)["metric"] == "cosine" and dot.query("good film", k=2)["metric"] == "dot"
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_search_equals_brute_force(bert_dir, train_tsv, tmp_path, metric):
+    """FAISS holds unit rows whatever the build's --metric: its search is cosine's."""
     index = build_index(bert_dir, train_tsv, tmp_path / "index", projection="random", metric=metric)
     store = IndexStore.open(index.path)
     rng = np.random.default_rng(0)
     near = {}
     for layer in FAISS_LAYERS:
-        vectors = store.vectors(layer)
+        vectors = store.vectors(layer, metric="cosine")
         queries = rng.normal(size=(3, vectors.shape[1])).astype(np.float32)
         queries[2] = near[layer] = 3 * vectors[5] + 0.01 * queries[2]  # near a stored vector
         for sign in (1.0, -1.0):  # -q: the bottom of the ranking (opponents)
             for k in (1, 5, 12, 40):
-                scores, ids = store.search(layer, sign * queries, k)
+                scores, ids = store.search(layer, store.prepare_queries(sign * queries, "cosine"), k)
                 assert scores.shape == ids.shape == (3, min(k, 12))
                 for row, q in enumerate(sign * queries):
-                    if metric == "cosine":
-                        q = q / np.linalg.norm(q)
-                    reference, _ = brute_top_k(vectors, q, k)
+                    reference, _ = brute_top_k(vectors, q / np.linalg.norm(q), k)
                     assert_same_top_k(scores[row], ids[row], reference, min(k, 12))
-    if metric == "cosine":  # a query near example 5 finds it first
-        _, ids = store.search("block1", near["block1"][None], 1)
-        assert ids[0, 0] == 5
+    _, ids = store.search("block1", store.prepare_queries(near["block1"][None], "cosine"), 1)
+    assert ids[0, 0] == 5  # a query near example 5 finds it first
 
 
 def test_rebuild_replaces_the_index_only_with_force(bert_dir, train_tsv, tmp_path):
@@ -169,7 +180,7 @@ def test_approximate_factories_reconstruct_and_search(bert_dir, train_tsv, tmp_p
         # k = N must return every example: an IVF index probing one of its two lists alone
         # would pad with -1, which vote and rank cannot use
         query = -vectors[:2] + 0.01
-        scores, ids = store.search(layer, query, 12)
+        scores, ids = store.search(layer, store.prepare_queries(query, "cosine"), 12)
         for row in range(2):
             q = query[row] / np.linalg.norm(query[row])
             assert_same_top_k(scores[row], ids[row], vectors.astype(np.float64) @ q, 12)
@@ -180,16 +191,40 @@ def test_numpy_scan_of_a_few_queries_equals_faiss_search():
     Both must return the same top-k (random vectors: no ties)."""
     import faiss
 
-    from lite_influence.store.faiss_layers import FEW_QUERIES, _flat_vectors, _scan
+    from lite_influence.store.faiss_layers import FEW_QUERIES, flat_vectors, _scan
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((500, 24)).astype(np.float32)
     index = faiss.IndexFlatIP(24)
     index.add(vectors)
     queries = rng.standard_normal((FEW_QUERIES, 24)).astype(np.float32)
-    scores, ids = _scan(_flat_vectors(index), queries, 10)
+    scores, ids = _scan(flat_vectors(index), queries, 10)
     faiss_scores, faiss_ids = index.search(queries, 10)
     assert np.array_equal(ids, faiss_ids)
     np.testing.assert_allclose(scores, faiss_scores, rtol=1e-5)
-    all_scores, all_ids = _scan(_flat_vectors(index), queries[:1], 500)  # k = N: a full sort
+    all_scores, all_ids = _scan(flat_vectors(index), queries[:1], 500)  # k = N: a full sort
     assert np.array_equal(all_ids[0], np.argsort(-(vectors @ queries[0]), kind="stable"))
+
+
+def test_format_1_indexes_answer_what_they_hold(bert_dir, train_tsv, tmp_path):
+    """Before format 2 a cosine build kept unit rows only (no dot: one line, 'rebuild') and a
+    dot build raw rows (cosine normalises them)."""
+    import faiss
+
+    index = build_index(bert_dir, train_tsv, tmp_path / "new", projection="random", token_dim=0)
+    raw = {layer: index.store.vectors(layer, metric="dot") for layer in index.layers}
+    manifest = json.loads((index.path / "manifest.json").read_text())
+    old_cosine = IndexStore(index.path, {**manifest, "format_version": 1, "metric": "cosine"})
+    assert old_cosine.metrics == ("cosine",)
+    with pytest.raises(UserError, match="cannot answer --metric dot.*rebuild"):
+        old_cosine.check_metric("dot")
+    for layer in index.layers:  # a dot build of format 1: FAISS held the raw rows
+        flat = faiss.IndexFlatIP(raw[layer].shape[1])
+        flat.add(raw[layer])
+        faiss.write_index(flat, str(index.path / "layers" / f"{layer}.faiss"))
+        (index.path / "layers" / f"{layer}.norms.npy").unlink()
+    old_dot = IndexStore(index.path, {**manifest, "format_version": 1, "metric": "dot"})
+    for layer in index.layers:
+        np.testing.assert_array_equal(old_dot.vectors(layer), raw[layer])
+        np.testing.assert_allclose(old_dot.vectors(layer, metric="cosine"),
+                                   raw[layer] / np.linalg.norm(raw[layer], axis=1, keepdims=True), rtol=1e-6)

@@ -5,7 +5,8 @@ vectors stay light. Layout (DESIGN.md)::
 
     INDEX_DIR/
       manifest.json        format version, model fingerprint, layers and dims, build config...
-      layers/NAME.faiss    one FAISS index per layer; ids are row numbers of examples.jsonl
+      layers/NAME.faiss    one FAISS index per layer, of unit rows; ids are row numbers of examples.jsonl
+      layers/NAME.norms.npy  each example's norm (dot = unit row x norm: both metrics, one build)
       layers/NAME.tokens/  the embeddings' exact token rows (indptr, tokens, values .npy)
       examples.jsonl       id, text, pair, label and every other input column
       projection.npz       fitted eigenbases and eigenvalues (pca projection only)

@@ -1,7 +1,7 @@
 """The FAISS calls: making, writing, reading and searching one index per layer.
 
-Both metrics are served by inner-product indexes; for ``cosine`` vectors are normalised on the
-way in and queries on the way out, so callers never think about it.
+Every index is an inner-product index of unit rows (format 2: the writer normalises on the
+way in, and keeps the norms beside it, views.DenseLayer), so FAISS's own search is cosine's.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def read_faiss(file: Path, dim: int, n: int):
     if index.d != dim or index.ntotal != n:
         raise UserError(f"index file {file} holds {index.ntotal} vectors of dim {index.d}, the "
                         f"manifest says {n} of dim {dim}; rebuild the index.")
-    if isinstance(index, faiss.IndexFlat) and not np.isfinite(_flat_vectors(index)).all():
+    if isinstance(index, faiss.IndexFlat) and not np.isfinite(flat_vectors(index)).all():
         raise UserError(f"index file {file} holds NaN or infinite values; rebuild the index.")
     return index
 
@@ -100,7 +100,7 @@ def _ivf(index):
         return None
 
 
-def _flat_vectors(index) -> np.ndarray:
+def flat_vectors(index) -> np.ndarray:
     """The vectors of a flat index, as a numpy view of FAISS's own memory (no copy)."""
     faiss = faiss_module()
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
@@ -132,7 +132,7 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     lists it probes hold fewer than k vectors; vote and rank need full lists, so the probe is
     widened until every row has k ids."""
     if len(queries) <= FEW_QUERIES and isinstance(index, faiss_module().IndexFlat):
-        return _scan(_flat_vectors(index), queries, k)
+        return _scan(flat_vectors(index), queries, k)
     scores, ids = index.search(queries, k)
     ivf = _ivf(index)
     while ivf is not None and (ids < 0).any() and ivf.nprobe < ivf.nlist:

@@ -17,7 +17,7 @@ from ..errors import UserError
 from .atomic import aside, restore_swap
 from .faiss_layers import normalise, search
 from .lock import BuildLock
-from .manifest import MANIFEST, read_manifest
+from .manifest import MANIFEST, METRICS, read_manifest
 from .views import layer_view
 
 
@@ -72,10 +72,32 @@ class IndexStore:
                 return info
         raise UserError(f"unknown layer '{layer}'; this index has: {', '.join(self.layers)}")
 
+    @property
+    def holds(self) -> str:
+        """What the FAISS files hold (``views.layer_view``)."""
+        if self.manifest["format_version"] >= 2:
+            return "unit+norms"
+        return "raw" if self.metric == "dot" else "unit"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics this index answers exactly (format 2: both, from one build)."""
+        return ("cosine",) if self.holds == "unit" else METRICS
+
+    def check_metric(self, metric: str | None) -> str:
+        """The metric to answer with: ``metric``, or the index's default (build's --metric)."""
+        metric = metric or self.metric
+        if metric not in METRICS:
+            raise UserError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
+        if metric not in self.metrics:
+            raise UserError(f"index '{self.path}' was built for cosine by an older lite-influence and holds unit "
+                            "vectors only, so it cannot answer --metric dot; rebuild it (one build now serves both).")
+        return metric
+
     def layer(self, layer: str):
         """The layer's stored vectors (``views``: a FAISS index, or the embeddings' token rows)."""
         if layer not in self._views:
-            self._views[layer] = layer_view(self.path, self.layer_info(layer), self.n, self.metric)
+            self._views[layer] = layer_view(self.path, self.layer_info(layer), self.n, self.holds)
         return self._views[layer]
 
     def faiss_index(self, layer: str):
@@ -84,23 +106,25 @@ class IndexStore:
             raise UserError(f"layer {layer} holds exact token rows, not a FAISS index.")
         return view.index
 
-    def vectors(self, layer: str, ids=None) -> np.ndarray:
-        """Stored vectors of a dense layer (normalised for cosine), exact for Flat/HNSW/IVF,
-        approximate for PQ."""
+    def vectors(self, layer: str, ids=None, metric: str | None = None) -> np.ndarray:
+        """Stored vectors of a dense layer as ``metric`` (default: the index's) compares them:
+        unit rows for cosine, raw for dot; exact for Flat/HNSW/IVF, approximate for PQ."""
         if ids is not None:
             ids = np.asarray(ids, dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= self.n):
                 raise UserError(f"ids must be in [0, {self.n}); got {ids.min()}..{ids.max()}")
         self.faiss_index(layer)
-        return self.layer(layer).vectors(ids)
+        return self.layer(layer).vectors(ids, self.check_metric(metric))
 
-    def prepare_queries(self, vectors: np.ndarray) -> np.ndarray:
+    def prepare_queries(self, vectors: np.ndarray, metric: str | None = None) -> np.ndarray:
+        """Dense query rows as ``metric`` (default: the index's) compares them."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        return normalise(vectors) if self.metric == "cosine" else vectors
+        return normalise(vectors) if self.check_metric(metric) == "cosine" else vectors
 
     def search(self, layer: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product with each query row of a dense layer: (scores, ids), best first."""
-        return search(self.faiss_index(layer), self.prepare_queries(queries), min(k, self.n))
+        """FAISS's top-k by inner product with each (prepared) query row of a dense layer:
+        (scores, ids), best first; the metric is the one FAISS holds (``searchable``)."""
+        return search(self.faiss_index(layer), np.ascontiguousarray(queries, np.float32), min(k, self.n))
 
     @cached_property
     def examples(self) -> list[dict]:

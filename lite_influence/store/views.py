@@ -2,10 +2,11 @@
 
 ``dense`` layers are a FAISS index (one vector per example); a ``tokens`` layer is the word
 embeddings' exact token side (``token_rows``), which no FAISS index can hold. Callers prepare
-their queries with the layer (cosine: unit rows) and ask for exact float64 scores against
-every example, a query row per stored example (``rows``, a query by id) or the squared norms
-(self-influence), and never branch on the kind; ``nearest`` (lookup.py) alone asks whether
-FAISS can search the layer.
+their queries with the layer for a metric (cosine: unit rows) and ask for exact float64
+scores against every example, a query row per stored example (``rows``, a query by id) or the
+squared norms (self-influence), and never branch on the kind; ``nearest`` (lookup.py) alone
+asks whether FAISS can search the layer for that metric (``searchable``). The metric is the
+query's choice (``metrics``: what the layer can answer).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .faiss_layers import make_reconstructable, normalise, read_faiss
+from .faiss_layers import faiss_module, flat_vectors, make_reconstructable, normalise, read_faiss
 from .token_rows import TokenRows
 
 TOKEN_FILES = ("indptr", "tokens", "values")
@@ -25,12 +26,30 @@ def tokens_folder(root: Path, layer: str) -> Path:
     return root / "layers" / f"{layer}.tokens"
 
 
+def _unit_scale(norms: np.ndarray) -> np.ndarray:
+    return 1 / np.where(norms > 0, norms, 1)
+
+
 class DenseLayer:
+    """A FAISS layer. Format 2 stores unit rows in FAISS (what cosine and every ANN index
+    search) and each example's norm beside them (``NAME.norms.npy``), so both metrics are
+    exact from one build: dot is the unit row times its norm. Format 1 stored raw rows (a dot
+    build: cosine normalises them) or unit rows without norms (a cosine build: no dot)."""
+
     kind = "dense"
 
-    def __init__(self, root: Path, info: dict, n: int, metric: str):
-        self.file, self.dim, self.n, self.metric = root / "layers" / f"{info['name']}.faiss", info["dim"], n, metric
-        self._index = None
+    def __init__(self, root: Path, info: dict, n: int, holds: str):
+        self.file, self.dim, self.n, self.holds = root / "layers" / f"{info['name']}.faiss", info["dim"], n, holds
+        self.norms_file = root / "layers" / f"{info['name']}.norms.npy"
+        self._index = self._norms = None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return ("cosine",) if self.holds == "unit" else ("cosine", "dot")
+
+    def searchable(self, metric: str) -> bool:
+        """Whether FAISS's inner product is this metric's (else score every example)."""
+        return (metric == "dot") == (self.holds == "raw")
 
     @property
     def index(self):
@@ -38,38 +57,73 @@ class DenseLayer:
             self._index = read_faiss(self.file, self.dim, self.n)
         return self._index
 
-    def vectors(self, ids=None) -> np.ndarray:
-        """Stored vectors (unit rows for cosine), exact for Flat/HNSW/IVF, approximate for PQ."""
+    def norms(self) -> np.ndarray:
+        if self._norms is None:
+            if self.holds != "unit+norms":  # format 1: the rows themselves (raw, or unit for cosine)
+                self._norms = np.linalg.norm(self._stored().astype(np.float64), axis=1)
+            else:
+                try:
+                    norms = np.load(self.norms_file, allow_pickle=False)
+                except (OSError, ValueError) as exc:
+                    raise UserError(f"{self.norms_file} is missing or damaged ({type(exc).__name__}); "
+                                    "rebuild the index.") from None
+                if norms.shape != (self.n,) or not np.isfinite(norms).all():
+                    raise UserError(f"{self.norms_file} does not hold {self.n} finite norms; rebuild the index.")
+                self._norms = norms.astype(np.float64)
+        return self._norms
+
+    def _stored(self, ids=None) -> np.ndarray:
         index = self.index
+        if ids is None and isinstance(index, faiss_module().IndexFlat):
+            return flat_vectors(index)  # a view of FAISS's own memory: no copy
         make_reconstructable(index)
         if ids is None:
             return index.reconstruct_n(0, self.n)
         ids = np.asarray(ids, dtype=np.int64)
         return index.reconstruct_batch(ids) if ids.size else np.zeros((0, index.d), np.float32)
 
+    def vectors(self, ids=None, metric: str = "cosine") -> np.ndarray:
+        """Rows as ``metric`` compares them: unit rows (cosine) or raw ones (dot); exact for
+        Flat/HNSW/IVF, approximate for PQ."""
+        stored = self._stored(ids)
+        if metric == "cosine":
+            return normalise(stored) if self.holds == "raw" else stored
+        if self.holds == "raw":
+            return stored
+        norms = self.norms() if ids is None else self.norms()[np.asarray(ids, dtype=np.int64)]
+        return (stored * norms[:, None]).astype(np.float32)
+
     def rows(self, ids) -> np.ndarray:
-        return self.vectors(ids)
+        """Stored examples as queries (raw where the index can tell: ``prepare`` normalises)."""
+        return self.vectors(ids, "dot" if "dot" in self.metrics else "cosine")
 
-    def prepare(self, queries: np.ndarray) -> np.ndarray:
+    def prepare(self, queries: np.ndarray, metric: str) -> np.ndarray:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        return normalise(queries) if self.metric == "cosine" else queries
+        return normalise(queries) if metric == "cosine" else queries
 
-    def scores(self, prepared: np.ndarray) -> np.ndarray:
-        """(N, queries) exact inner products in float64."""
-        return self.vectors().astype(np.float64) @ np.asarray(prepared, np.float64).T
+    def scores(self, prepared: np.ndarray, metric: str) -> np.ndarray:
+        """(N, queries) exact inner products in float64 (dot: the unit rows' times the norms)."""
+        if self.holds == "raw" or metric == "cosine":
+            return self.vectors(None, metric).astype(np.float64) @ np.asarray(prepared, np.float64).T
+        return (self._stored().astype(np.float64) @ np.asarray(prepared, np.float64).T) * self.norms()[:, None]
 
-    def squared_norms(self) -> np.ndarray:
-        v = self.vectors()
-        return np.einsum("ij,ij->i", v, v, dtype=np.float64)
+    def squared_norms(self, metric: str) -> np.ndarray:
+        return (self.norms() > 0).astype(np.float64) if metric == "cosine" else self.norms() ** 2
 
 
 class TokenLayer:
-    kind = "tokens"
+    """The embeddings' exact token rows, stored raw: cosine divides by the norms."""
 
-    def __init__(self, root: Path, info: dict, n: int, metric: str):
-        self.folder, self.dim, self.n, self.metric = tokens_folder(root, info["name"]), info["dim"], n, metric
+    kind = "tokens"
+    metrics = ("cosine", "dot")
+
+    def __init__(self, root: Path, info: dict, n: int, holds: str = "raw"):
+        self.folder, self.dim, self.n = tokens_folder(root, info["name"]), info["dim"], n
         self.entries = info.get("entries")
         self._rows = self._norms = None
+
+    def searchable(self, metric: str) -> bool:
+        return False
 
     @property
     def stored(self) -> TokenRows:
@@ -101,23 +155,19 @@ class TokenLayer:
     def rows(self, ids) -> TokenRows:
         return self.stored.subset(ids)
 
-    def prepare(self, queries: TokenRows) -> TokenRows:
-        if self.metric != "cosine":
-            return queries
-        norms = queries.norms()
-        return queries.scaled(1 / np.where(norms > 0, norms, 1))
+    def prepare(self, queries: TokenRows, metric: str) -> TokenRows:
+        return queries.scaled(_unit_scale(queries.norms())) if metric == "cosine" else queries
 
-    def scores(self, prepared: TokenRows) -> np.ndarray:
+    def scores(self, prepared: TokenRows, metric: str) -> np.ndarray:
         """(N, queries) exact inner products in float64 (with unit stored rows for cosine)."""
         scores = self.stored.gram(prepared).T
-        if self.metric == "cosine":
-            norms = self.norms()
-            scores = scores / np.where(norms > 0, norms, 1)[:, None]
-        return scores
+        return scores * _unit_scale(self.norms())[:, None] if metric == "cosine" else scores
 
-    def squared_norms(self) -> np.ndarray:
-        return np.ones(self.n) * (self.norms() > 0) if self.metric == "cosine" else self.stored.squared_norms()
+    def squared_norms(self, metric: str) -> np.ndarray:
+        return (self.norms() > 0).astype(np.float64) if metric == "cosine" else self.norms() ** 2
 
 
-def layer_view(root: Path, info: dict, n: int, metric: str):
-    return (TokenLayer if info.get("kind") == "tokens" else DenseLayer)(root, info, n, metric)
+def layer_view(root: Path, info: dict, n: int, holds: str):
+    """``holds``: what a dense layer's FAISS file holds ("unit" rows with norms beside them
+    from format 2; format 1: "raw" for a dot build, "unit" without norms for a cosine one)."""
+    return (TokenLayer if info.get("kind") == "tokens" else DenseLayer)(root, info, n, holds)

@@ -233,7 +233,11 @@ class IndexWriter:
                 continue
             vectors = np.load(self.partial / "vectors" / f"{layer['name']}.npy", mmap_mode="r",
                               allow_pickle=False)
-            index = make_faiss_index(np.asarray(vectors), manifest["metric"], manifest["index_factory"])
+            # unit rows in FAISS (cosine, and what any ANN index searches) and the norms beside
+            # them (dot = unit row x norm): one build answers both metrics (views.DenseLayer)
+            norms = np.linalg.norm(np.asarray(vectors, np.float64), axis=1).astype(np.float32)
+            write_file(stage / "layers" / f"{layer['name']}.norms.npy", lambda tmp: _save_npy(tmp, norms))
+            index = make_faiss_index(np.asarray(vectors), "cosine", manifest["index_factory"])
             write_faiss(index, stage / "layers" / f"{layer['name']}.faiss")
         write_json(stage / MANIFEST, manifest)
         return stage
@@ -295,6 +299,11 @@ def _differences(state: dict, identity: dict) -> str:
         else:
             words.append({"model": "the model", "data": "the data", "n": "the number of examples"}.get(key, key))
     return "; ".join(words)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save would add ".npy" to the temporary name
+        np.save(handle, array, allow_pickle=False)
 
 
 def _save_npz(path: Path, arrays: dict) -> None:
