@@ -94,7 +94,8 @@ class Served:
         manifest = index.manifest
         return {"name": name, "path": str(self.paths[name]), "n": len(index), "layers": index.layers,
                 "groups": index.groups, "label_names": manifest.get("label_names"), "task": index.task,
-                "metric": manifest.get("metric"), "model": manifest.get("model", {}).get("path")}
+                "metric": manifest.get("metric"), "metrics": list(index.store.metrics),
+                "model": manifest.get("model", {}).get("path")}
 
     def warm_up(self) -> None:
         """One throw-away query per index: loads and verifies the model, reads the examples."""

@@ -130,6 +130,18 @@ def test_indexes_describe_what_is_served(client, reference, index_path):
     assert item["n"] == len(reference) == 14 and item["layers"] == reference.layers
     assert item["groups"] == reference.groups and item["label_names"] == ["negative", "positive"]
     assert item["task"] == "classification" and item["metric"] == reference.manifest["metric"]
+    assert item["metrics"] == ["cosine", "dot"]  # one build answers both
+
+
+def test_the_metric_is_the_request_s_choice(client, reference):
+    for metric in ("dot", "cosine"):
+        by_text = client.post("/api/query", json={"index": "tiny", "text": QUERY, "k": 4, "metric": metric}).json()
+        expected = reference.query(QUERY, k=4, metric=metric)
+        assert by_text["metric"] == metric and [r["id"] for r in by_text["proponents"]] == [r["id"] for r in expected["proponents"]]
+        by_id = client.post("/api/query_by_id", json={"index": "tiny", "id": 3, "k": 4, "metric": metric}).json()
+        assert by_id == json.loads(json.dumps(reference.query_ids([3], k=4, metric=metric)))
+    assert "unknown metric 'l2'" in assert_one_line_error(
+        client.post("/api/query", json={"index": "tiny", "text": QUERY, "metric": "l2"}), 400)
 
 
 def test_served_names_are_unique_folder_names(tmp_path):

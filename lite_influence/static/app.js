@@ -52,11 +52,14 @@ function onIndexChange() {
   const groups = Object.keys(info.groups).filter((g) => info.groups[g].length);
   fillOptions($("layers"), [...groups, ...info.layers.filter((l) => !groups.includes(l))], []);
   if (!$("layers").value || !groups.includes($("layers").value)) $("layers").value = groups.includes("all") ? "all" : groups[0];
+  fillOptions($("metric"), info.metrics || [info.metric], []);  // what the index answers; its default first
+  $("metric").value = info.metric;
 }
 
 function request() {
   const info = current();
-  const body = {index: info.name, text: $("text").value, k: Number($("k").value), layers: $("layers").value, agg: $("agg").value};
+  const body = {index: info.name, text: $("text").value, k: Number($("k").value), layers: $("layers").value, agg: $("agg").value,
+                metric: $("metric").value};
   if (info.task === "causal-lm") {
     if ($("completion").value) body.completion = $("completion").value;
   } else {
@@ -123,7 +126,7 @@ async function submit(event) {
     showPrediction(result, info);
     table($("proponents"), result.proponents, result, info);
     table($("opponents"), result.opponents, result, info);
-    $("timings").textContent = `${result.agg} over ${result.layers.join(", ")} · k = ${result.k} · ` +
+    $("timings").textContent = `${result.agg} over ${result.layers.join(", ")} · ${result.metric} · k = ${result.k} · ` +
       `query ${result.timings.query_ms.toFixed(1)} ms on the server`;
     $("result").hidden = false;
   } catch (error) {
@@ -152,7 +155,8 @@ async function showExample(info, id) {
 async function explainExample(info, id) {
   // Query by id: the example's own stored vectors are the query; no model runs.
   try {
-    const result = await api("/api/query_by_id", {index: info.name, id, k: Number($("k").value), layers: $("layers").value, agg: $("agg").value});
+    const result = await api("/api/query_by_id", {index: info.name, id, k: Number($("k").value), layers: $("layers").value,
+                                                  agg: $("agg").value, metric: $("metric").value});
     showError($("example-error"), null);
     showPrediction(result, info);
     table($("proponents"), result.proponents, result, info);
@@ -162,12 +166,12 @@ async function explainExample(info, id) {
   }
 }
 
-// A query can be linked to: /?index=NAME&text=...&label=...&layers=...&agg=...&k=... runs it.
+// A query can be linked to: /?index=NAME&text=...&label=...&layers=...&agg=...&metric=...&k=... runs it.
 function fromAddress() {
   const params = new URLSearchParams(window.location.search);
   if (params.get("index") && indexes[params.get("index")]) $("index").value = params.get("index");
   onIndexChange();
-  for (const key of ["text", "pair", "completion", "label", "layers", "agg", "k"]) {
+  for (const key of ["text", "pair", "completion", "label", "layers", "agg", "metric", "k"]) {
     if (params.has(key)) $(key).value = params.get(key);
   }
   if (params.get("text")) $("query-form").requestSubmit();
