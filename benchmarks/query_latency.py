@@ -44,28 +44,26 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def synthetic_index(real: Path, out: Path, n: int, seed: int = 0) -> Path:
+    """The real index with N rows: random unit vectors in its FAISS layers, its token rows,
+    losses and examples tiled."""
+    import faiss
+
+    if (out / "manifest.json").is_file():
+        return out
+
+
 def synthetic_copy(real: Path, out: Path, n: int, seed: int = 0) -> InfluenceIndex:
-    """The real index's manifest and model, with N random unit vectors per layer."""
-    shutil.copytree(real, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    rng = np.random.default_rng(seed)
-    for layer in manifest["layers"]:
-        vectors = normalise(rng.standard_normal((n, layer["dim"]), dtype=np.float32))
-        index = faiss.IndexFlatIP(layer["dim"])
-        index.add(vectors)
-        faiss.write_index(index, str(out / "layers" / f"{layer['name']}.faiss"))
-    with open(out / "examples.jsonl", "w") as handle:
-        for i in range(n):
-            handle.write(json.dumps({"id": i, "text": f"synthetic example {i}", "label": i % 2}) + "\n")
-    manifest["n"] = n
-    write_json(out / "manifest.json", manifest)
-    return InfluenceIndex.open(out)
+    return InfluenceIndex.open(synthetic_index(real, out, n, seed))
 
 
 def numpy_scan(index: InfluenceIndex, layers: list[str], vectors: dict, k: int):
-    """The bare alternative: one matrix-vector product and a partial sort per side and layer."""
+    """The bare alternative: one matrix-vector product (dense layers; the token rows' sparse
+    product for the embeddings) and a partial sort per side and layer."""
     for layer in layers:
-        scores = index._matrices[layer] @ vectors[layer]
+        view = index.store.layer(layer)
+        scores = view.vectors(None, "cosine") @ vectors[layer] if view.kind == "dense" else \
+            view.stored.scores(*vectors[layer].row(0))
         for side in (scores, -scores):
             top = np.argpartition(-side, k)[:k]
             top[np.argsort(-side[top])]
@@ -98,15 +96,16 @@ def main() -> None:
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         index = synthetic_copy(real, work / f"n{n}", n)
-        index._matrices = {layer: index.vectors(layer) for layer in index.layers}
         grads = index.gradients([QUERY])
-        vectors = {layer: index.store.prepare_queries(v)[0] for layer, v in grads.vectors.items()}
+        vectors = {layer: index.store.layer(layer).prepare(v, "cosine") for layer, v in grads.vectors.items()}
+        vectors = {layer: v if hasattr(v, "row") else v[0] for layer, v in vectors.items()}
         gradient_s = median_time(lambda: index.gradients([QUERY]), args.repeats)
         for label, spec in selections.items():
             layers = index.resolve_layers(spec)
             query_s = median_time(lambda: index.query(QUERY, k=args.k, layers=spec), args.repeats)
-            search_s = median_time(lambda: [index.store.search(l, s * grads.vectors[l], args.k)
-                                            for l in layers for s in (1, -1)], args.repeats)
+            search_s = median_time(lambda: [index.store.search(l, s * vectors[l][None], args.k)  # FAISS layers
+                                            for l in layers if index.store.layer(l).kind == "dense"
+                                            for s in (1, -1)], args.repeats)
             scan_s = median_time(lambda: numpy_scan(index, layers, vectors, args.k), args.repeats)
             rows.append({"n": n, "layers": label, "query_ms": 1e3 * query_s, "gradient_ms": 1e3 * gradient_s,
                          "faiss_search_ms": 1e3 * search_s, "numpy_scan_ms": 1e3 * scan_s,

@@ -70,9 +70,9 @@ def start_server(path: Path, log: Path) -> tuple[subprocess.Popen, str]:
 
 
 def measure(index, url: str, k: int, repeats: int) -> list[dict]:
-    index._matrices = {layer: index.vectors(layer) for layer in index.layers}
     grads = index.gradients([QUERY])
-    vectors = {layer: index.store.prepare_queries(v)[0] for layer, v in grads.vectors.items()}
+    vectors = {layer: index.store.layer(layer).prepare(v, "cosine") for layer, v in grads.vectors.items()}
+    vectors = {layer: v if hasattr(v, "row") else v[0] for layer, v in vectors.items()}
     gradient = statistics.median(times_ms(lambda: index.gradients([QUERY]), repeats))
     rows = []
     for label, spec in SELECTIONS.items():

@@ -113,6 +113,18 @@ def order(values: np.ndarray, higher_first: bool) -> np.ndarray:
     return np.lexsort((np.arange(v.size), key))
 
 
+def top_order(values: np.ndarray, depth: int, higher_first: bool = True) -> np.ndarray:
+    """The first ``depth`` ids of ``order(values, higher_first)`` without sorting the rest: a
+    partition finds the depth-th value, every id that reaches it (ties included) is sorted."""
+    v = np.asarray(values, dtype=np.float64)
+    if depth >= v.size:
+        return order(v, higher_first)
+    key = -v if higher_first else v
+    kth = np.partition(key, depth - 1)[depth - 1]
+    candidates = np.flatnonzero(key <= kth)
+    return candidates[np.lexsort((candidates, key[candidates]))][:depth]
+
+
 def aggregate(method: str, *, lists=None, scores=None, n=None, p: float = 0.2):
     """One entry point so callers pick the method by name (e.g. from a CLI flag). Returns
     (ids, most relevant first; their aggregated values in that order). For "mean" the ids are

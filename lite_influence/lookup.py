@@ -20,14 +20,14 @@ from .aggregate import aggregate
 def nearest(store, layer: str, queries, sign: float, depth: int, metric: str) -> list[np.ndarray]:
     """Per query, the ids of the ``depth`` examples of highest ``sign`` * influence, in
     exact order. ``queries`` are prepared (``store.layer(layer).prepare``) for ``metric``."""
-    from .aggregate import order
+    from .aggregate import top_order
 
     n = store.n
     depth = min(depth, n)
     view = store.layer(layer)
     if not view.searchable(metric):  # token rows, or dot on unit rows: exact scores of all
         full = sign * view.scores(queries, metric)
-        return [order(full[:, q], higher_first=True)[:depth] for q in range(full.shape[1])]
+        return [top_order(full[:, q], depth) for q in range(full.shape[1])]
     margin = min(n - depth, max(16, depth // 100))
     _, candidates = store.search(layer, sign * queries, depth + margin)
     result = []
@@ -62,12 +62,12 @@ def ranked_rows(store, examples: list[dict], scores: dict, layers: list[str], si
     is scored exactly against every stored vector; rank averages full ranks, mean full scores,
     and vote lets each list vote for its top ``vote_p`` fraction (``ceil(vote_p N)``, as the
     audit does). ``retrieved_in`` names the layers in whose own top k the row is."""
-    from .aggregate import order, vote_depth
+    from .aggregate import top_order, vote_depth
 
     exact = {layer: sign * scores[layer] for layer in layers}  # (N, queries) per layer
-    depth = vote_depth(store.n, vote_p) if agg == "vote" else store.n
-    full = {layer: [order(exact[layer][:, q], higher_first=True) for q in range(exact[layer].shape[1])]
-            for layer in layers}  # each list sorted once, for the aggregate and for retrieved_in
+    depth = {"vote": vote_depth(store.n, vote_p), "rank": store.n}.get(agg, 0)
+    full = {layer: [top_order(exact[layer][:, q], max(depth, k)) for q in range(exact[layer].shape[1])]
+            for layer in layers}  # each list sorted once and only as deep as needed (aggregate, retrieved_in)
     lists = [ranking[:depth] for layer in layers for ranking in full[layer]]
     if agg == "mean":
         ids, values = aggregate("mean", scores=np.concatenate([s.T for s in exact.values()]))

@@ -185,3 +185,14 @@ def test_bad_scores_and_missing_inputs():
         aggregate("rank", scores=np.zeros((1, 3)))
     with pytest.raises(UserError, match="n must be"):
         mean_ranks([np.arange(3)], 0)
+
+
+def test_top_order_is_the_prefix_of_the_full_order_ties_included():
+    from lite_influence.aggregate import order, top_order
+
+    rng = np.random.default_rng(3)
+    values = np.round(rng.normal(size=500), 1)  # many ties
+    for higher_first in (True, False):
+        full = order(values, higher_first)
+        for depth in (1, 7, 100, 499, 500, 600):
+            assert top_order(values, depth, higher_first).tolist() == full[:depth].tolist()
