@@ -138,39 +138,6 @@ def real_index(model: str, out: Path, n: int) -> Path:
     return out
 
 
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(real, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    small = manifest["n"]
-    tiled = np.arange(n) % small
-    rng = np.random.default_rng(seed)
-    for layer in manifest["layers"]:
-        if layer.get("kind") == "tokens":
-            folder = out / "layers" / f"{layer['name']}.tokens"
-            indptr = np.load(folder / "indptr.npy")
-            tokens, values = np.load(folder / "tokens.npy"), np.load(folder / "values.npy")
-            entries = np.concatenate([np.arange(indptr[i], indptr[i + 1]) for i in tiled])
-            np.save(folder / "indptr.npy", np.concatenate([[0], np.cumsum(np.diff(indptr)[tiled])]).astype(np.int64))
-            np.save(folder / "tokens.npy", tokens[entries])
-            np.save(folder / "values.npy", values[entries])
-            layer["entries"] = int(entries.size)
-            continue
-        vectors = rng.standard_normal((n, layer["dim"]), dtype=np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        index = faiss.IndexFlatIP(layer["dim"])
-        index.add(vectors)
-        faiss.write_index(index, str(out / "layers" / f"{layer['name']}.faiss"))
-        np.save(out / "layers" / f"{layer['name']}.norms.npy", np.ones(len(vectors), np.float32))  # unit rows
-    np.save(out / "losses.npy", np.load(real / "losses.npy")[tiled])
-    rows = [json.loads(line) for line in (real / "examples.jsonl").read_text().splitlines()]
-    with open(out / "examples.jsonl", "w") as handle:
-        for i, j in enumerate(tiled):
-            handle.write(json.dumps({**rows[j], "id": i}) + "\n")
-    manifest["n"] = n
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
-
-
 def import_times(command: list[str]) -> dict:
     """Self time (ms) of every import under ``-X importtime``, summed per top-level package."""
     stderr = run([command[0], "-X", "importtime", *command[1:]])["stderr"]
