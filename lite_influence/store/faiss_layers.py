@@ -76,19 +76,22 @@ def write_faiss(index, path: Path) -> None:
 
 
 def read_faiss(file: Path, dim: int, n: int):
-    """A layer's index, checked against the manifest (size, dim, finite vectors)."""
+    """A layer's index, checked against the manifest (size, dim). A flat index is memory-mapped
+    (``IO_FLAG_MMAP_IFC``: opening reads nothing, a scan pages in what it touches); its values
+    are checked where they are used (``views``: scores must be finite), not by a scan here."""
     faiss = faiss_module()
     if not file.is_file():
         raise UserError(f"index file {file} is missing; rebuild the index.")
     try:
-        index = faiss.read_index(str(file))
+        try:
+            index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP_IFC)
+        except RuntimeError:  # an index kind that cannot be mapped is read whole
+            index = faiss.read_index(str(file))
     except RuntimeError as exc:
         raise UserError(f"index file {file} is damaged (FAISS cannot read it); rebuild the index.") from exc
     if index.d != dim or index.ntotal != n:
         raise UserError(f"index file {file} holds {index.ntotal} vectors of dim {index.d}, the "
                         f"manifest says {n} of dim {dim}; rebuild the index.")
-    if isinstance(index, faiss.IndexFlat) and not np.isfinite(flat_vectors(index)).all():
-        raise UserError(f"index file {file} holds NaN or infinite values; rebuild the index.")
     return index
 
 

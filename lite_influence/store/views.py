@@ -26,6 +26,26 @@ def tokens_folder(root: Path, layer: str) -> Path:
     return root / "layers" / f"{layer}.tokens"
 
 
+def finite(scores: np.ndarray, source: Path) -> np.ndarray:
+    """Scores as computed, or one line naming the file: a damaged store shows in what it
+    gives (cheap, N x queries) rather than by scanning every stored number at open."""
+    if not np.isfinite(scores).all():
+        raise UserError(f"index file {source} holds NaN or infinite values; rebuild the index.")
+    return scores
+
+
+CHUNK = 8192  # rows per float64 block: a small reused buffer, not a float64 copy of the layer
+
+
+def _chunked_product(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """``rows @ queries`` in float64, a block of rows at a time (a memory-mapped layer is read
+    once, in order, and never copied whole)."""
+    out = np.empty((rows.shape[0], queries.shape[1]))
+    for start in range(0, rows.shape[0], CHUNK):
+        out[start:start + CHUNK] = rows[start:start + CHUNK].astype(np.float64) @ queries
+    return out
+
+
 def _unit_scale(norms: np.ndarray) -> np.ndarray:
     return 1 / np.where(norms > 0, norms, 1)
 
@@ -103,9 +123,11 @@ class DenseLayer:
 
     def scores(self, prepared: np.ndarray, metric: str) -> np.ndarray:
         """(N, queries) exact inner products in float64 (dot: the unit rows' times the norms)."""
-        if self.holds == "raw" or metric == "cosine":
-            return self.vectors(None, metric).astype(np.float64) @ np.asarray(prepared, np.float64).T
-        return (self._stored().astype(np.float64) @ np.asarray(prepared, np.float64).T) * self.norms()[:, None]
+        rows = self.vectors(None, metric) if self.holds == "raw" or metric == "cosine" else self._stored()
+        scores = _chunked_product(rows, np.asarray(prepared, np.float64).T)
+        if self.holds != "raw" and metric == "dot":
+            scores *= self.norms()[:, None]
+        return finite(scores, self.file)
 
     def squared_norms(self, metric: str) -> np.ndarray:
         return (self.norms() > 0).astype(np.float64) if metric == "cosine" else self.norms() ** 2
@@ -142,8 +164,6 @@ class TokenLayer:
                     or (self.entries is not None and nnz != self.entries)):
                 raise UserError(f"the token rows in {self.folder} do not match the manifest ({self.n} examples, "
                                 f"dim {self.dim}); rebuild the index.")
-            if not np.isfinite(values).all():
-                raise UserError(f"the token rows in {self.folder} hold NaN or infinite values; rebuild the index.")
             self._rows = TokenRows(np.asarray(indptr, np.int64), tokens, values)
         return self._rows
 
@@ -161,10 +181,10 @@ class TokenLayer:
     def scores(self, prepared: TokenRows, metric: str) -> np.ndarray:
         """(N, queries) exact inner products in float64 (with unit stored rows for cosine)."""
         scores = self.stored.gram(prepared).T
-        return scores * _unit_scale(self.norms())[:, None] if metric == "cosine" else scores
+        return finite(scores * _unit_scale(self.norms())[:, None] if metric == "cosine" else scores, self.folder)
 
     def squared_norms(self, metric: str) -> np.ndarray:
-        return (self.norms() > 0).astype(np.float64) if metric == "cosine" else self.norms() ** 2
+        return (self.norms() > 0).astype(np.float64) if metric == "cosine" else finite(self.norms() ** 2, self.folder)
 
 
 def layer_view(root: Path, info: dict, n: int, holds: str):
