@@ -80,6 +80,7 @@ s = t(); import transformers; mark("import transformers", s)
 s = t()
 import lite_influence.api as api, lite_influence.audit, lite_influence.cli as cli, lite_influence.gradients
 import lite_influence.lookup as lookup, lite_influence.models as models, lite_influence.session as session
+import lite_influence.store.reader as reader
 mark("import lite_influence (+ typer, rich, faiss, ...)", s)
 def timed(owner, attr, name):
     fn = getattr(owner, attr)
@@ -95,7 +96,9 @@ for owner, attr, name in ((api.InfluenceIndex, "open", "open index"),
                           (session, "_verified_model_path", "fingerprint check"),
                           (models, "load_model", "model load"), (session, "_layers", "layers + projectors"),
                           (session, "_projectors", "layers + projectors"),
-                          (session.Session, "gradients", "query gradient"), (lookup, "lookup", "lookup"),
+                          (session.Session, "gradients", "query gradient"), (lookup, "layer_scores", "lookup: scores"),
+                          (lookup, "ranked_rows", "lookup: rankings and rows"),
+                          (reader, "read_examples", "examples table"),
                           (cli, "_show", "print")):
     timed(owner, attr, name)
 before, s = dict(spent), t()
