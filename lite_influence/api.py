@@ -176,8 +176,9 @@ class InfluenceIndex:
         layers = self.resolve_layers(config.layers)
         vectors = {layer: self.store.layer(layer).rows(ids) for layer in layers}
         losses = self.store.losses()
-        queries = [{"id": i, "text": self.examples[i].get("text"), "pair": self.examples[i].get("pair"),
-                    "label": self.examples[i].get("label"), "prediction": None,
+        rows = {i: self.store.table[i] for i in ids}
+        queries = [{"id": i, "text": rows[i].get("text"), "pair": rows[i].get("pair"),
+                    "label": rows[i].get("label"), "prediction": None,
                     "loss": None if losses is None else float(losses[i])} for i in ids]
         return self._answer(queries, vectors, layers, config, None)
 
@@ -194,7 +195,7 @@ class InfluenceIndex:
                   "k_clamped": config.k > len(self), "warning": warning}
         scores = layer_scores(self.store, vectors, layers, metric)
         for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
-            result[side] = ranked_rows(self.store, self.examples, scores, layers, sign, k, config.agg, config.vote_p)
+            result[side] = ranked_rows(self.store, self.store.table, scores, layers, sign, k, config.agg, config.vote_p)
         return result
 
     def audit(self, queries: str | Path, config: AuditConfig | None = None,

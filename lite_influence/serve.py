@@ -154,7 +154,7 @@ def get_example(served: Served, name: str, id_text: str) -> dict:
         raise RequestError(400, f"an example id is a whole number from 0 to {len(index) - 1}, got '{id_text}'") from None
     if not 0 <= i < len(index):
         raise RequestError(404, f"index '{name}' has examples 0 to {len(index) - 1}; there is no example {i}")
-    return index.examples[i]
+    return index.store.table[i]
 
 
 def query_by_id(served: Served, body) -> dict:

@@ -177,6 +177,8 @@ QUERY_CASES = [
      ["manifest.json", "damaged", "rebuild"]),
     ("examples table deleted", lambda c: ((c["copy"] / "examples.jsonl").unlink() or _query(c, "--text", "x"), None),
      ["examples.jsonl", "missing", "rebuild"]),
+    ("examples offsets damaged", lambda c: (write(c["copy"] / "examples.offsets.npy", "x") and _query(c, "--text", "x"), None),
+     ["examples.offsets.npy", "damaged", "rebuild"]),
     ("unknown layer", lambda c: (_query(c, "--text", "x", "--layers", "block9"), None), ["'block9'", "middle", "block2"]),
     ("unknown aggregation", lambda c: (_query(c, "--text", "x", "--agg", "median"), None), ["'median'", "mean", "rank", "vote"]),
     ("unknown metric", lambda c: (_query(c, "--text", "x", "--metric", "euclid"), None), ["'euclid'", "cosine", "dot"]),

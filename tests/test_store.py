@@ -228,3 +228,18 @@ def test_format_1_indexes_answer_what_they_hold(bert_dir, train_tsv, tmp_path):
         np.testing.assert_array_equal(old_dot.vectors(layer), raw[layer])
         np.testing.assert_allclose(old_dot.vectors(layer, metric="cosine"),
                                    raw[layer] / np.linalg.norm(raw[layer], axis=1, keepdims=True), rtol=1e-6)
+
+
+def test_examples_are_read_by_id_through_their_offsets(built):
+    """A lookup reads the rows it shows by byte offset; an index without the offsets file
+    (built before it) falls back to the whole table, and a damaged one is one line."""
+    store = IndexStore.open(built.path)
+    table = store.table
+    assert type(table).__name__ == "ExampleTable" and len(table) == 12
+    assert [table[i] for i in range(12)] == store.examples
+    text = "".join(json.dumps({"id": i, "text": "é" * i}, ensure_ascii=False) + "\n" for i in range(12))  # multi-byte rows
+    (built.path / "examples.jsonl").write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match="does not match examples.jsonl"):
+        IndexStore.open(built.path).table
+    (built.path / "examples.offsets.npy").unlink()
+    assert IndexStore.open(built.path).table[11] == {"id": 11, "text": "é" * 11}

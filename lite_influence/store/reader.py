@@ -20,6 +20,8 @@ from .lock import BuildLock
 from .manifest import MANIFEST, METRICS, read_manifest
 from .views import layer_view
 
+EXAMPLE_OFFSETS = "examples.offsets.npy"  # byte offset of each row of examples.jsonl, and the end
+
 
 def is_index(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
@@ -130,6 +132,15 @@ class IndexStore:
     def examples(self) -> list[dict]:
         return read_examples(self.path / "examples.jsonl", self.n)
 
+    @cached_property
+    def table(self) -> "ExampleTable | list[dict]":
+        """The examples by id, read one row at a time (``table[i]``); the whole list for an
+        index built before the offsets file."""
+        offsets = self.path / EXAMPLE_OFFSETS
+        if not offsets.is_file() or not (self.path / "examples.jsonl").is_file():
+            return self.examples  # which says what is missing
+        return ExampleTable(self.path / "examples.jsonl", offsets, self.n)
+
     def losses(self) -> np.ndarray | None:
         """Each example's training loss when the index was built (None: built before v0.2)."""
         file = self.path / "losses.npy"
@@ -149,6 +160,36 @@ class IndexStore:
     def sizes(self) -> dict[str, int]:
         return {str(f.relative_to(self.path)): f.stat().st_size
                 for f in sorted(self.path.rglob("*")) if f.is_file()}
+
+
+class ExampleTable:
+    """Rows of ``examples.jsonl`` by id, through the byte offsets the writer stored: a lookup
+    reads the k rows it shows, not N."""
+
+    def __init__(self, file: Path, offsets_file: Path, n: int):
+        self.file = file
+        try:
+            self.offsets = np.load(offsets_file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{offsets_file} is damaged ({type(exc).__name__}); rebuild the index.") from None
+        if self.offsets.shape != (n + 1,) or self.offsets[-1] != file.stat().st_size:
+            raise UserError(f"{offsets_file} does not match {file.name} ({n} rows); rebuild the index.")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        with open(self.file, "rb") as handle:
+            handle.seek(start)
+            line = handle.read(end - start)
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            row = None
+        if not isinstance(row, dict):
+            raise UserError(f"{self.file} is damaged (row {i} is not a JSON object at its offset); rebuild the index.")
+        return row
 
 
 def read_examples(file: Path, n: int | None) -> list[dict]:

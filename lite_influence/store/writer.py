@@ -39,7 +39,7 @@ from .faiss_layers import make_faiss_index, write_faiss
 from .guard import check_out, target
 from .lock import BuildLock
 from .manifest import MANIFEST, problem
-from .reader import read_projection
+from .reader import EXAMPLE_OFFSETS, read_projection
 from .views import TOKEN_FILES, tokens_folder
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -183,13 +183,20 @@ class IndexWriter:
         return TokenRowsFile(arrays["indptr"], arrays["tokens"], arrays["values"])
 
     def write_examples(self, rows: list[dict]) -> None:
+        """The examples table, and the byte offset of each row (``EXAMPLE_OFFSETS``), so a
+        query reads the rows it shows by id instead of parsing the whole table."""
+        offsets = [0]
+
         def fill(tmp: Path) -> None:
-            with open(tmp, "w", encoding="utf-8") as handle:
+            with open(tmp, "wb") as handle:
                 for row in rows:
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+                    handle.write(line)
+                    offsets.append(offsets[-1] + len(line))
         self._started()
         with self._disk():
             write_file(self.partial / "examples.jsonl", fill)
+            write_file(self.partial / EXAMPLE_OFFSETS, lambda tmp: _save_npy(tmp, np.asarray(offsets, np.int64)))
 
     def write_projection(self, arrays: dict[str, np.ndarray]) -> None:
         self._started()
@@ -219,7 +226,7 @@ class IndexWriter:
         stage = self.partial / "index"
         remove(stage)  # a stage a kill left, or the old index a previous swap put there
         (stage / "layers").mkdir(parents=True)
-        for name in ("examples.jsonl", "projection.npz", LOSSES):
+        for name in ("examples.jsonl", EXAMPLE_OFFSETS, "projection.npz", LOSSES):
             if (self.partial / name).is_file():
                 _link(self.partial / name, stage / name)
         for number, layer in enumerate(manifest["layers"]):
