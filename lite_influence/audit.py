@@ -69,6 +69,23 @@ class AuditResult:
                 "cancellation": self.cancellation, "notes": self.notes,
                 "warning": self.warning}
 
+    def saved(self, examples: list[dict], top: int = 200, points: int = 200) -> dict:
+        """What ``audit --save`` keeps beside the index for the server's page: the table and
+        baselines (``to_json``), the headline ranking's first ``top`` rows with their noise
+        flags, and each group's detection curve at ``points`` points (first aggregation)."""
+        out = {**self.to_json(), "metric": self.metric}
+        agg = self.table[0]["agg"].removesuffix("-c") if self.table else None
+        ids = self.ranking if self.table else np.zeros(0, int)
+        out["ranking"] = {"agg": agg, "rows": [
+            {"rank": r, "id": int(i), "label": examples[int(i)].get("label"), "text": examples[int(i)].get("text"),
+             "noisy": None if self.noisy is None else bool(self.noisy[int(i)])} for r, i in enumerate(ids[:top])]}
+        if self.noisy is not None and agg:
+            at = np.unique(np.linspace(0, self.n - 1, min(points, self.n)).round().astype(int))
+            out["curves"] = {"x": ((at + 1) / self.n).tolist(), "groups": {
+                row["scope"]: ndr.detection_curve(self.rankings[(row["scope"], agg, "all")][0], self.noisy)[at].tolist()
+                for row in self.table if row["kind"] == "group" and row["agg"] == agg}}
+        return out
+
     def export(self, path: str | Path, examples: list[dict], scope: str = "all",
                agg: str | None = None, subset: str = "all") -> Path:
         """The full ranking as a table: id, score, rank, text, label, noise flag."""

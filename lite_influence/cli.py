@@ -256,6 +256,7 @@ def audit(
     config: AuditConfig = None,
     export: Optional[Path] = typer.Option(None, "--export", help="Write the full ranking (all layers, first --agg) to this csv/tsv/jsonl."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw detection curves of every group to this PNG."),
+    save: bool = typer.Option(False, "--save", help="Keep the result beside the index (INDEX/audit.json), where `serve`'s page shows it."),
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
@@ -272,11 +273,16 @@ def audit(
         from .plots import detection_curves
 
         detection_curves(result, plot)
+    if save:
+        from .store import write_json
+        from .store.reader import SAVED_AUDIT
+
+        write_json(index.path / SAVED_AUDIT, result.saved(index.examples))
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
         return
     render.print_audit(result)
-    for path in (export, plot):
+    for path in (export, plot, save and index.path / "audit.json"):
         if path and not STATE["quiet"]:
             err.print(f"wrote {path}")
 

@@ -11,6 +11,7 @@ then cached by the index), and answers on localhost:
     POST /api/query_by_id      {index, id, ...}: the hook for explaining a training example
                                from its stored vectors; 501 until that lands
     GET  /api/example/NAME/ID  -> the training example, as stored
+    GET  /api/audit/INDEX      -> the audit kept by `audit --save` (404 when there is none)
     GET  /api/indexes          -> what is served (name, path, N, layers, groups, labels, task)
     GET  /                     -> the page (lite_influence/static/, no build step, no CDN)
 
@@ -157,6 +158,14 @@ def get_example(served: Served, name: str, id_text: str) -> dict:
     return index.store.table[i]
 
 
+def saved_audit(served: Served, name: str) -> dict:
+    """The audit ``audit INDEX QUERIES --save`` kept beside the index, for the page."""
+    audit = served.get(name).store.saved_audit()
+    if audit is None:
+        raise RequestError(404, f"index '{name}' has no saved audit; run `lite-influence audit INDEX QUERIES --save`.")
+    return audit
+
+
 def query_by_id(served: Served, body) -> dict:
     """Explain training example ``id`` from its stored vectors (``InfluenceIndex.query_ids``):
     no model runs, so it needs no lock."""
@@ -239,6 +248,7 @@ def create_app(served: Served, address: tuple[str, int] | None = None):
               Route("/api/query_by_id", _guarded(lambda request, body: query_by_id(served, body)), methods=["POST"]),
               Route("/api/example/{index}/{id}", _guarded(lambda request, body: get_example(
                   served, request.path_params["index"], request.path_params["id"]))),
+              Route("/api/audit/{index}", _guarded(lambda request, body: saved_audit(served, request.path_params["index"]))),
               Route("/api/indexes", _guarded(lambda request, body: {
                   "indexes": [served.describe(name) for name in served.indexes]})),
               *(Route(path, _page) for path in PAGES)]

@@ -303,3 +303,21 @@ def test_causal_lm_index_is_served_and_warmed(tmp_path):
             assert got == json.loads(json.dumps(expected))
         assert "causal language model" in assert_one_line_error(
             client.post("/api/query", json={"index": "lm", "text": "the plot ->", "label": 1}), 400)
+
+
+def test_a_saved_audit_is_served_for_the_page(client, reference, capsys, tmp_path):
+    """`audit --save` keeps the table, baselines, ranking and curves beside the index; the
+    server hands them to the page, and says in one line when an index has none."""
+    from conftest import run_cli
+
+    assert "no saved audit" in assert_one_line_error(client.get("/api/audit/tiny"), 404)
+    rows = [{"text": e["text"], "label": e["label"]} for e in reference.examples[:6]]
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run_cli(capsys, "audit", reference.path, queries, "--save", "--agg", "rank")
+    assert code == 0, err
+    saved = client.get("/api/audit/tiny").json()
+    expected = reference.audit(queries, aggs="rank")
+    assert saved["table"] == json.loads(json.dumps(expected.table))
+    assert [r["id"] for r in saved["ranking"]["rows"]] == expected.ranking[:200].tolist()
+    assert saved["metric"] == reference.manifest["metric"]

@@ -50,10 +50,12 @@ function onIndexChange() {
   document.querySelectorAll(".classification-only").forEach((n) => { n.hidden = lm; });
   fillOptions($("label"), info.label_names || [], [el("option", {value: ""}, "(the prediction)")]);
   const groups = Object.keys(info.groups).filter((g) => info.groups[g].length);
+  const chosen = $("layers").value;  // "" before the first index is shown: then all layers
   fillOptions($("layers"), [...groups, ...info.layers.filter((l) => !groups.includes(l))], []);
-  if (!$("layers").value || !groups.includes($("layers").value)) $("layers").value = groups.includes("all") ? "all" : groups[0];
+  $("layers").value = groups.includes(chosen) ? chosen : (groups.includes("all") ? "all" : groups[0]);
   fillOptions($("metric"), info.metrics || [info.metric], []);  // what the index answers; its default first
   $("metric").value = info.metric;
+  showAudit(info);
 }
 
 function request() {
@@ -167,6 +169,56 @@ async function explainExample(info, id) {
 }
 
 // A query can be linked to: /?index=NAME&text=...&label=...&layers=...&agg=...&metric=...&k=... runs it.
+// A saved audit (`lite-influence audit INDEX QUERIES --save`): its NDR table with the
+// baselines, each group's detection curve (inline SVG), and the ranking with its noise flags.
+async function showAudit(info) {
+  let audit;
+  try {
+    audit = await api(`/api/audit/${encodeURIComponent(info.name)}`);
+  } catch (error) {
+    $("audit").hidden = true;  // no saved audit for this index
+    return;
+  }
+  const levels = audit.levels.map((p) => `ndr@${Math.round(p * 1000) / 10}`.replace(/\.0$/, ""));
+  const keys = [...levels, "auc_ndr"];
+  $("audit-title").textContent = `${audit.n} training examples, ${audit.n_queries} queries, ` +
+    `${audit.n_noisy ?? "no"} known noisy, ${audit.metric}`;
+  const head = el("tr", {}, el("th", {}, "scope"), el("th", {}, "agg"), ...keys.map((k) => el("th", {}, k.toUpperCase())));
+  const rows = audit.table.map((row) => el("tr", {}, el("td", {}, row.scope), el("td", {}, row.agg),
+    ...keys.map((k) => el("td", {class: "num"}, row[k] === undefined ? "-" : row[k].toFixed(3)))));
+  const baselines = Object.entries(audit.baselines || {}).map(([name, values]) => el("tr", {class: "muted"},
+    el("td", {}, name), el("td", {}, ""), ...keys.map((k) => el("td", {class: "num"}, values[k] === undefined ? "-" : values[k].toFixed(3)))));
+  $("audit-table").replaceChildren(head, ...rows, ...baselines);
+  drawCurves($("audit-curves"), audit.curves);
+  $("audit-ranking-title").textContent = `(all layers, ${audit.ranking.agg}; first ${audit.ranking.rows.length})`;
+  $("audit-ranking").replaceChildren(el("tr", {}, el("th", {}, "rank"), el("th", {}, "id"), el("th", {}, "label"), el("th", {}, "text")),
+    ...audit.ranking.rows.slice(0, 50).map((r) => el("tr", {class: r.noisy ? "noisy" : ""}, el("td", {class: "num"}, r.rank + 1),
+      el("td", {class: "num"}, r.id), el("td", {}, labelName(info, r.label) + (r.noisy ? " (noisy)" : "")), el("td", {}, r.text))));
+  $("audit").hidden = false;
+}
+
+function drawCurves(svg, curves) {
+  const ns = svg.namespaceURI;  // the SVG namespace, from the page (no URL in this file)
+  svg.replaceChildren();
+  if (!curves) return;
+  const colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
+  const line = (xs, ys, colour, dash) => {
+    const path = document.createElementNS(ns, "polyline");
+    path.setAttribute("points", xs.map((x, i) => `${20 + 280 * x},${220 - 200 * ys[i]}`).join(" "));
+    path.setAttribute("fill", "none"); path.setAttribute("stroke", colour);
+    if (dash) path.setAttribute("stroke-dasharray", "4 3");
+    svg.append(path);
+  };
+  line([0, 1], [0, 1], "#888", true);  // random
+  Object.entries(curves.groups).forEach(([name, ys], i) => {
+    line(curves.x, ys, colours[i % colours.length], false);
+    const label = document.createElementNS(ns, "text");
+    label.setAttribute("x", 230); label.setAttribute("y", 150 + 12 * i); label.setAttribute("font-size", "10");
+    label.setAttribute("fill", colours[i % colours.length]); label.textContent = name;
+    svg.append(label);
+  });
+}
+
 function fromAddress() {
   const params = new URLSearchParams(window.location.search);
   if (params.get("index") && indexes[params.get("index")]) $("index").value = params.get("index");

@@ -21,6 +21,7 @@ from .manifest import MANIFEST, METRICS, read_manifest
 from .views import layer_view
 
 EXAMPLE_OFFSETS = "examples.offsets.npy"  # byte offset of each row of examples.jsonl, and the end
+SAVED_AUDIT = "audit.json"  # the last `audit --save` of this index (AuditResult.saved)
 
 
 def is_index(path: Path) -> bool:
@@ -153,6 +154,19 @@ class IndexStore:
         if losses.shape != (self.n,):
             raise UserError(f"{file} holds {losses.shape} values for {self.n} examples; rebuild the index.")
         return np.asarray(losses, np.float64)
+
+    def saved_audit(self) -> dict | None:
+        """The audit kept by ``audit --save`` (None if there is none); a rebuild discards it."""
+        file = self.path / SAVED_AUDIT
+        if not file.is_file():
+            return None
+        try:
+            saved = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UserError(f"{file} is damaged ({type(exc).__name__}); run the audit again with --save.") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("table"), list):
+            raise UserError(f"{file} is not a saved audit; run the audit again with --save.")
+        return saved
 
     def projection_arrays(self) -> dict[str, np.ndarray]:
         return read_projection(self.path / "projection.npz")

@@ -1,0 +1,86 @@
+"""The server's page in a real browser: Debian's Chromium, headless, loads the page, runs the
+query its address asks for, and shows the proponents, the opponents and the saved audit. The
+DOM it prints after the page's scripts ran is what a user would see (``--dump-dom``); no
+driver library is needed. `.ci/run` installs Chromium; without it this module is skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from conftest import WORDS, run_cli
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs it)")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def served(bert_dir, tmp_path_factory):
+    """A tiny index with known-noisy rows and a saved audit, served by a real uvicorn process."""
+    from lite_influence import build_index
+    from lite_influence.serve import find_server, state_path
+
+    folder = tmp_path_factory.mktemp("browser")
+    rng = random.Random(4)
+    rows = [(" ".join(rng.choices(WORDS, k=rng.randint(3, 9))), i % 2, int(i % 5 == 0)) for i in range(20)]
+    (folder / "train.tsv").write_text("sentence\tlabel\tnoisy\n" + "".join(f"{t}\t{y}\t{z}\n" for t, y, z in rows))
+    (folder / "queries.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y, _ in rows[:6]))
+    index = build_index(bert_dir, folder / "train.tsv", folder / "tiny", projection="random").path
+    log = folder / "server.log"
+    code = f"from lite_influence.serve import serve; serve([{str(index)!r}], port=0)"
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=handle, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not state_path(index).exists():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    yield {"index": index, "folder": folder, "url": find_server(index)}
+    process.send_signal(signal.SIGTERM)
+    process.wait(30)
+
+
+def page(url: str, tmp_path: Path) -> str:
+    """The DOM after the page's scripts ran (the query and the audit are fetched on load)."""
+    out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                          "--virtual-time-budget=15000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def section(dom: str, element_id: str) -> str:
+    match = re.search(rf'<(section|table|div)[^>]*id="{element_id}"[^>]*>(.*?)</\1>', dom, re.S)
+    assert match, element_id
+    return match.group(0)
+
+
+def test_the_page_runs_a_query_and_shows_the_saved_audit(served, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "audit", served["index"], served["folder"] / "queries.tsv", "--save", "--agg", "rank")
+    assert code == 0, err
+    text = "good movie very fine"
+    dom = page(f"{served['url']}/?{urlencode({'index': 'tiny', 'text': text, 'k': 3})}", tmp_path)
+    result = section(dom, "result")
+    assert 'id="result" hidden' not in dom and "prediction" in result
+    for side in ("proponents", "opponents"):
+        assert len(re.findall(r"<tr", section(dom, side))) == 1 + 3, side  # a header and k rows
+    audit = section(dom, "audit")
+    assert 'id="audit" hidden' not in dom
+    saved = json.loads((served["index"] / "audit.json").read_text())
+    assert "NDR@30" in audit and "training loss" in audit and "polyline" in audit
+    first = saved["ranking"]["rows"][0]
+    ranking = section(dom, "audit-ranking")
+    assert f'<td class="num">{first["id"]}</td>' in ranking
+    assert ranking.count("(noisy)") == sum(r["noisy"] for r in saved["ranking"]["rows"][:50])
