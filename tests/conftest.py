@@ -149,3 +149,26 @@ def dense_rows(index, layer, vectors=None, metric=None):
         norms = np.linalg.norm(dense, axis=1, keepdims=True)
         dense = dense / np.where(norms > 0, norms, 1)
     return dense
+
+
+def start_server(index_path, log):
+    """A real uvicorn server in a subprocess on a free port (port 0), once its state file is
+    written beside the index (the CLI and the page find it there)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from lite_influence.serve import state_path
+
+    code = f"from lite_influence.serve import serve; serve([{str(index_path)!r}], port=0)"
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=handle, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                        "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not state_path(index_path).exists():
+        assert process.poll() is None and time.monotonic() < deadline, Path(log).read_text()
+        time.sleep(0.1)
+    return process

@@ -6,31 +6,27 @@ driver library is needed. `.ci/run` installs Chromium; without it this module is
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 
-from conftest import WORDS, run_cli
+from conftest import WORDS, run_cli, start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (.ci/run installs it)")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def served(bert_dir, tmp_path_factory):
     """A tiny index with known-noisy rows and a saved audit, served by a real uvicorn process."""
     from lite_influence import build_index
-    from lite_influence.serve import find_server, state_path
+    from lite_influence.serve import find_server
 
     folder = tmp_path_factory.mktemp("browser")
     rng = random.Random(4)
@@ -38,15 +34,7 @@ def served(bert_dir, tmp_path_factory):
     (folder / "train.tsv").write_text("sentence\tlabel\tnoisy\n" + "".join(f"{t}\t{y}\t{z}\n" for t, y, z in rows))
     (folder / "queries.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y, _ in rows[:6]))
     index = build_index(bert_dir, folder / "train.tsv", folder / "tiny", projection="random").path
-    log = folder / "server.log"
-    code = f"from lite_influence.serve import serve; serve([{str(index)!r}], port=0)"
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "-c", code], stdout=handle, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while not state_path(index).exists():
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
+    process = start_server(index, folder / "server.log")
     yield {"index": index, "folder": folder, "url": find_server(index)}
     process.send_signal(signal.SIGTERM)
     process.wait(30)

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -214,15 +213,9 @@ def test_find_server_refuses_stale_state(index_path, tmp_path):
 @pytest.fixture(scope="module")
 def live_server(index_path, tmp_path_factory):
     """A real uvicorn server in a subprocess on a free port (port 0), until the module ends."""
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    code = f"from lite_influence.serve import serve; serve([{str(index_path)!r}], port=0)"
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "-c", code], stdout=handle, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while not state_path(index_path).exists():
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
+    from conftest import start_server
+
+    process = start_server(index_path, tmp_path_factory.mktemp("log") / "server.log")
     yield process
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
