@@ -65,6 +65,7 @@ def synthetic_index(real: Path, out: Path, n: int, seed: int = 0) -> Path:
             entries = np.concatenate([np.arange(indptr[i], indptr[i + 1]) for i in tiled])
             np.save(folder / "indptr.npy", np.concatenate([[0], np.cumsum(np.diff(indptr)[tiled])]).astype(np.int64))
             np.save(folder / "tokens.npy", tokens[entries])
+            np.save(folder / "by_token.npy", np.argsort(tokens[entries], kind="stable"))  # as build stores it
             np.save(folder / "values.npy", values[entries])
             layer["entries"] = int(entries.size)
             continue

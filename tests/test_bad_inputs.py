@@ -171,6 +171,9 @@ QUERY_CASES = [
     ("token rows deleted", lambda c: _tokens_damaged(c, lambda f: f.unlink()), ["values.npy", "missing or damaged", "rebuild"]),
     ("token rows truncated", lambda c: _tokens_damaged(c, lambda f: f.write_bytes(f.read_bytes()[:200])),
      ["values.npy", "damaged", "rebuild"]),
+    ("token postings damaged", lambda c: (np.save(c["copy"] / "layers" / "embeddings.tokens" / "by_token.npy",
+                                                   np.load(c["copy"] / "layers" / "embeddings.tokens" / "by_token.npy")[::-1].copy())
+                                           or _query(c, "--text", "good film"), None), ["by_token.npy", "damaged", "rebuild"]),
     ("token rows of another shape", lambda c: _tokens_damaged(c, lambda f: np.save(f, np.zeros((3, 16), np.float32))),
      ["embeddings.tokens", "do not match the manifest", "rebuild"]),
     ("manifest not JSON", lambda c: (write(c["copy"] / "manifest.json", "{") and _query(c, "--text", "x"), None),

@@ -53,7 +53,7 @@ def test_manifest_and_vectors_round_trip(built):
     assert sorted(f.name for f in (built.path / "layers").iterdir()) == sorted(
         [f"{l}.{kind}" for l in FAISS_LAYERS for kind in ("faiss", "norms.npy")] + ["embeddings.tokens"])
     assert sorted(f.name for f in (built.path / "layers" / "embeddings.tokens").iterdir()) == [
-        "indptr.npy", "tokens.npy", "values.npy"]
+        "by_token.npy", "indptr.npy", "tokens.npy", "values.npy"]
     ids = [7, 0, 11, 3]
     for info in reopened.manifest["layers"][1:]:
         # a layer's dim is the sum of its units' k_in x k_out (block: 4 attention linears)

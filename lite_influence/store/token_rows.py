@@ -77,11 +77,19 @@ class TokenRows:
     def _example_of(self) -> np.ndarray:
         return np.repeat(np.arange(self.n), np.diff(self.indptr))
 
-    def postings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(entry order sorted by token, tokens in that order, their examples), once."""
+    def by_token(self) -> np.ndarray:
+        """The entries' order sorted by token (stable): what an index stores as by_token.npy."""
+        return np.argsort(self.tokens, kind="stable")
+
+    def postings(self, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(entry order sorted by token, tokens in that order, their examples), once; ``order``
+        is the stored ``by_token`` (else it is sorted here)."""
         if self._postings is None:
-            order = np.argsort(self.tokens, kind="stable")
-            self._postings = (order, np.asarray(self.tokens)[order], self._example_of()[order])
+            order = self.by_token() if order is None else np.asarray(order)
+            tokens = np.asarray(self.tokens)[order]
+            if len(order) and (np.bincount(order, minlength=len(order)).max() != 1 or (np.diff(tokens) < 0).any()):
+                raise ValueError("the by-token order is not a sorting permutation of the entries")
+            self._postings = (order, tokens, self._example_of()[order])
         return self._postings
 
     def scores(self, tokens: np.ndarray, values: np.ndarray) -> np.ndarray:

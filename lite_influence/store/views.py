@@ -20,6 +20,7 @@ from .faiss_layers import faiss_module, flat_vectors, make_reconstructable, norm
 from .token_rows import TokenRows
 
 TOKEN_FILES = ("indptr", "tokens", "values")
+BY_TOKEN = "by_token.npy"  # the entries sorted by token (the posting lists), written at build
 
 
 def tokens_folder(root: Path, layer: str) -> Path:
@@ -165,7 +166,19 @@ class TokenLayer:
                 raise UserError(f"the token rows in {self.folder} do not match the manifest ({self.n} examples, "
                                 f"dim {self.dim}); rebuild the index.")
             self._rows = TokenRows(np.asarray(indptr, np.int64), tokens, values)
+            try:
+                self._rows.postings(self._stored_order(nnz))
+            except (ValueError, IndexError):
+                raise UserError(f"{self.folder / BY_TOKEN} is damaged; rebuild the index.") from None
         return self._rows
+
+    def _stored_order(self, nnz: int) -> np.ndarray | None:
+        """The build's by-token order, if it is there and fits (else it is sorted on use)."""
+        try:
+            order = np.load(self.folder / BY_TOKEN, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        return order if order.shape == (nnz,) else None
 
     def norms(self) -> np.ndarray:
         if self._norms is None:

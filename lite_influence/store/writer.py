@@ -40,7 +40,7 @@ from .guard import check_out, target
 from .lock import BuildLock
 from .manifest import MANIFEST, problem
 from .reader import EXAMPLE_OFFSETS, read_projection
-from .views import TOKEN_FILES, tokens_folder
+from .views import BY_TOKEN, TOKEN_FILES, tokens_folder
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -237,6 +237,9 @@ class IndexWriter:
                 folder.mkdir()
                 for name in TOKEN_FILES:
                     _link(self.partial / "vectors" / f"{layer['name']}.{name}.npy", folder / f"{name}.npy")
+                tokens = np.load(folder / "tokens.npy", mmap_mode="r", allow_pickle=False)
+                order = np.argsort(tokens, kind="stable")  # the posting lists, sorted once at build
+                write_file(folder / BY_TOKEN, lambda tmp: _save_npy(tmp, order))
                 continue
             vectors = np.load(self.partial / "vectors" / f"{layer['name']}.npy", mmap_mode="r",
                               allow_pickle=False)
