@@ -22,6 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def by_token(tokens: np.ndarray) -> np.ndarray:
+    """The entries' order sorted by token (stable): the posting lists, which a build stores
+    (by_token.npy) and an index without them sorts on first use."""
+    return np.argsort(tokens, kind="stable")
+
+
 @dataclass
 class TokenRows:
     indptr: np.ndarray  # (N + 1,) int64: example i owns entries indptr[i]:indptr[i+1]
@@ -77,15 +83,11 @@ class TokenRows:
     def _example_of(self) -> np.ndarray:
         return np.repeat(np.arange(self.n), np.diff(self.indptr))
 
-    def by_token(self) -> np.ndarray:
-        """The entries' order sorted by token (stable): what an index stores as by_token.npy."""
-        return np.argsort(self.tokens, kind="stable")
-
     def postings(self, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(entry order sorted by token, tokens in that order, their examples), once; ``order``
         is the stored ``by_token`` (else it is sorted here)."""
         if self._postings is None:
-            order = self.by_token() if order is None else np.asarray(order)
+            order = by_token(self.tokens) if order is None else np.asarray(order)
             tokens = np.asarray(self.tokens)[order]
             if len(order) and (np.bincount(order, minlength=len(order)).max() != 1 or (np.diff(tokens) < 0).any()):
                 raise ValueError("the by-token order is not a sorting permutation of the entries")

@@ -40,6 +40,7 @@ from .guard import check_out, target
 from .lock import BuildLock
 from .manifest import MANIFEST, problem
 from .reader import EXAMPLE_OFFSETS, read_projection
+from .token_rows import by_token
 from .views import BY_TOKEN, TOKEN_FILES, tokens_folder
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -138,49 +139,43 @@ class IndexWriter:
         """The layer's (n x dim) float32 matrix on disk, created (with its space reserved, so a
         full disk shows now rather than as a crash mid-build) or reopened for resuming."""
         self._started()
-        file = self.partial / "vectors" / f"{layer}.npy"
-        if file.is_file():
-            try:
-                matrix = np.load(file, mmap_mode="r+", allow_pickle=False)
-                if matrix.shape == (n, dim):
-                    return matrix
-            except (ValueError, OSError):
-                pass
-        if self._done:
-            raise UserError(f"the vectors of layer {layer} of the interrupted build in {self.partial} are "
-                            "missing or damaged; discard it with --force (without --resume).")
-        with self._disk():
-            matrix = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=(n, dim))
-            with open(file, "rb+") as handle:
-                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
-        return matrix
+        return self._build_array(self.partial / "vectors" / f"{layer}.npy", np.float32, (n, dim),
+                                 f"the vectors of layer {layer}", reserve=True)
 
     def token_file(self, layer: str, counts: np.ndarray, dim: int) -> "TokenRowsFile":
         """The embeddings' token rows (``token_rows``) on disk: example i owns ``counts[i]``
         entries (its distinct tokens, known before the pass), so the files are preallocated
         and filled batch by batch like a vector matrix, and reopened on resume."""
         self._started()
-        folder = self.partial / "vectors"
         indptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         nnz = int(indptr[-1])
         files = {"indptr": (np.int64, (len(indptr),)), "tokens": (np.int64, (nnz,)), "values": (np.float32, (nnz, dim))}
-        arrays = {}
-        for name, (dtype, shape) in files.items():
-            file = folder / f"{layer}.{name}.npy"
-            try:
-                arrays[name] = np.load(file, mmap_mode="r+", allow_pickle=False) if file.is_file() else None
-            except (ValueError, OSError):
-                arrays[name] = None
-            if arrays[name] is not None and arrays[name].shape == shape and arrays[name].dtype == dtype:
-                continue
-            if self._done:
-                raise UserError(f"the token rows of layer {layer} of the interrupted build in {self.partial} are "
-                                "missing or damaged; discard it with --force (without --resume).")
-            with self._disk():
-                arrays[name] = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+        arrays = {name: self._build_array(self.partial / "vectors" / f"{layer}.{name}.npy", dtype, shape,
+                                          f"the token rows of layer {layer}")
+                  for name, (dtype, shape) in files.items()}
         if not np.array_equal(arrays["indptr"], indptr):
             arrays["indptr"][:] = indptr
         return TokenRowsFile(arrays["indptr"], arrays["tokens"], arrays["values"])
+
+    def _build_array(self, file: Path, dtype, shape: tuple, what: str, reserve: bool = False) -> np.memmap:
+        """A memory-mapped array the gradient pass fills: reopened when resuming (it must then
+        be there, whole), else created; ``reserve``: its disk space taken now."""
+        if file.is_file():
+            try:
+                array = np.load(file, mmap_mode="r+", allow_pickle=False)
+                if array.shape == shape and array.dtype == dtype:
+                    return array
+            except (ValueError, OSError):
+                pass
+        if self._done:
+            raise UserError(f"{what} of the interrupted build in {self.partial} are "
+                            "missing or damaged; discard it with --force (without --resume).")
+        with self._disk():
+            array = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+            if reserve:
+                with open(file, "rb+") as handle:
+                    os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        return array
 
     def write_examples(self, rows: list[dict]) -> None:
         """The examples table, and the byte offset of each row (``EXAMPLE_OFFSETS``), so a
@@ -237,9 +232,8 @@ class IndexWriter:
                 folder.mkdir()
                 for name in TOKEN_FILES:
                     _link(self.partial / "vectors" / f"{layer['name']}.{name}.npy", folder / f"{name}.npy")
-                tokens = np.load(folder / "tokens.npy", mmap_mode="r", allow_pickle=False)
-                order = np.argsort(tokens, kind="stable")  # the posting lists, sorted once at build
-                write_file(folder / BY_TOKEN, lambda tmp: _save_npy(tmp, order))
+                order = by_token(np.load(folder / "tokens.npy", mmap_mode="r", allow_pickle=False))
+                write_file(folder / BY_TOKEN, lambda tmp: _save_npy(tmp, order))  # the posting lists, once
                 continue
             vectors = np.load(self.partial / "vectors" / f"{layer['name']}.npy", mmap_mode="r",
                               allow_pickle=False)
