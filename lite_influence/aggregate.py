@@ -90,19 +90,22 @@ def mean_ranks(lists: Sequence[np.ndarray], n: int) -> np.ndarray:
     return total / len(checked)
 
 
-def votes(lists: Sequence[np.ndarray], n: int, p: float = 0.2) -> np.ndarray:
+def votes(lists: Sequence[np.ndarray], n: int, p: float = 0.2, partial: bool = False) -> np.ndarray:
     """Each list votes for its first ceil(p*n) ids with weight p*n - rank (always positive), so
-    only that prefix matters and entries beyond it are ignored; higher = more relevant."""
+    only that prefix matters and entries beyond it are ignored; higher = more relevant.
+    ``partial``: lists may be shorter (an approximate search's candidates): what is missing
+    gets no vote from that list."""
     n = _check_n(n)
     depth = vote_depth(n, p)
     pn = _snap(float(p) * n)
     checked = _check_lists(lists, n)
     total = np.zeros(n, dtype=np.float64)
     for i, a in enumerate(checked):
-        if a.size < depth:
+        if a.size < depth and not partial:
             raise UserError(f"list {i} has {a.size} ids but vote with p={p} needs at least "
                             f"ceil(p*n) = {depth}: retrieve at least {depth} neighbours.")
-        total[a[:depth]] += pn - np.arange(depth, dtype=np.float64)
+        used = min(depth, a.size)
+        total[a[:used]] += pn - np.arange(used, dtype=np.float64)
     return total
 
 
@@ -125,7 +128,7 @@ def top_order(values: np.ndarray, depth: int, higher_first: bool = True) -> np.n
     return candidates[np.lexsort((candidates, key[candidates]))][:depth]
 
 
-def aggregate(method: str, *, lists=None, scores=None, n=None, p: float = 0.2):
+def aggregate(method: str, *, lists=None, scores=None, n=None, p: float = 0.2, partial: bool = False):
     """One entry point so callers pick the method by name (e.g. from a CLI flag). Returns
     (ids, most relevant first; their aggregated values in that order). For "mean" the ids are
     candidate positions 0..M-1 of ``scores``; "rank" values are mean ranks, "vote" values votes."""
@@ -143,6 +146,6 @@ def aggregate(method: str, *, lists=None, scores=None, n=None, p: float = 0.2):
         if method == "rank":
             values, higher = mean_ranks(lists, n), False
         else:
-            values, higher = votes(lists, n, p), True
+            values, higher = votes(lists, n, p, partial), True
     ids = order(values, higher)
     return ids, values[ids]

@@ -193,9 +193,12 @@ class InfluenceIndex:
         result = {"query": queries[0], "queries": queries, "prediction": queries[0]["prediction"],
                   "agg": config.agg, "metric": metric, "layers": layers, "k": k,
                   "k_clamped": config.k > len(self), "warning": warning}
-        scores = layer_scores(self.store, vectors, layers, metric)
+        candidates, scores = layer_scores(self.store, vectors, layers, metric, k)
+        if candidates is not None:  # an ANN index: say what was ranked (lookup.py)
+            result.update(approximate=self.store.manifest["index_factory"], candidates=len(candidates))
         for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
-            result[side] = ranked_rows(self.store, self.store.table, scores, layers, sign, k, config.agg, config.vote_p)
+            result[side] = ranked_rows(self.store, self.store.table, scores, layers, sign, k, config.agg,
+                                       config.vote_p, candidates)
         return result
 
     def audit(self, queries: str | Path, config: AuditConfig | None = None,

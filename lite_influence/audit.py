@@ -207,7 +207,7 @@ def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray,
     losses = index.store.losses()
     if losses is not None:
         out["training loss"] = _ranked(losses)
-    if "dot" in index.store.metrics:
+    if index.store.holds != "unit":  # the norms are known (exact even for an ANN index)
         squares = sum(index.store.layer(layer).squared_norms("dot") for layer in index.layers)
         out["self-influence"] = _ranked(squares)
     if losses is not None and result.table:

@@ -22,7 +22,7 @@ from . import __version__
 from .config import BuildConfig
 from .data import fingerprint_file, with_label_ids
 from .errors import InputWarning
-from .store import FORMAT_VERSION, IndexStore, IndexWriter
+from .store import FORMAT_VERSION, IndexStore, IndexWriter, resolve_factory
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -223,7 +223,7 @@ def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims,
         "label_names": [loaded.model.config.id2label[i] for i in range(loaded.num_labels)],
         "n": len(examples),
         "metric": config.metric,
-        "index_factory": config.index_factory,
+        "index_factory": resolve_factory(config.index_factory, len(examples)),  # auto: by N
         "n_blocks": n_blocks,
         "data": {"path": str(train_file.resolve()), "fingerprint": identity["data"],
                  "columns": examples.columns},

@@ -154,7 +154,8 @@ def info(
                        ("projection", f"{m['build']['projection']}, " + (f"{m['build']['proj_dim']} per side" if m["build"].get("proj_dim_in") in (None, m["build"]["proj_dim"])
                                        else f"{m['build']['proj_dim_in']} in x {m['build']['proj_dim']} out")),
                        ("metric", f"{m['metric']} by default; answers {' and '.join(store.metrics)}"),
-                       ("FAISS", m["index_factory"]),
+                       ("FAISS", m["index_factory"] + (" (approximate: a lookup ranks FAISS's candidates, re-scored exactly)"
+                                                        if store.approximate else " (exact)")),
                        ("data", m["data"]["path"]), ("size", render.human(sum(sizes.values())))):
         summary.add_row(f"[bold]{key}[/]", shown(str(value)))
     console.print(summary)

@@ -8,6 +8,15 @@ For a flat index the result is what a full sort of every training example would 
 
 ``nearest`` is the per-layer routine; ``lookup`` combines the layers' lists of one or more
 queries into the proponents or opponents of a ``query`` result.
+
+A lookup on a Flat index scores every example exactly, so ``-k`` only truncates. On an
+approximate index (HNSW, IVF, PQ, SQ: ``store.approximate``) the examples it ranks are the
+*candidates*: the union over layers, queries and both sides of FAISS's top
+``candidate_depth(k)`` (the token rows, which FAISS does not hold, add their exact top
+lists), each re-scored exactly in every layer from the stored vectors (decoded, so
+approximate for PQ/SQ). Rank then ranks within the candidates, mean averages their exact
+scores, and vote counts each list's retrieved candidates only (``votes(partial=True)``).
+The result says so (``approximate``, ``candidates``).
 """
 
 from __future__ import annotations
@@ -43,42 +52,71 @@ def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: 
     """Top-k rows (proponents: sign 1, opponents: -1) of the queries ``vectors`` (raw, layer
     -> (queries, dim), or token rows) over ``layers``, combined by ``agg``, compared by
     ``metric`` (default: the index's); see ``InfluenceIndex.query``."""
-    scores = layer_scores(store, vectors, layers, store.check_metric(metric))
-    return ranked_rows(store, examples, scores, layers, sign, k, agg, vote_p)
+    candidates, scores = layer_scores(store, vectors, layers, store.check_metric(metric), k)
+    return ranked_rows(store, examples, scores, layers, sign, k, agg, vote_p, candidates)
 
 
-def layer_scores(store, vectors: dict, layers: list[str], metric: str) -> dict[str, np.ndarray]:
-    """Every stored example's exact influence on each query: layer -> (N, queries) float64,
-    computed once for both the proponents and the opponents."""
+CANDIDATES = 100  # an approximate index's search depth per list: at least this, and 4 k
+
+
+def candidate_depth(k: int, n: int) -> int:
+    return min(n, max(CANDIDATES, 4 * k))
+
+
+def layer_scores(store, vectors: dict, layers: list[str], metric: str, k: int = 10):
+    """(candidates, scores): the examples' exact influence on each query, layer ->
+    (candidates, queries) float64, computed once for both sides. ``candidates`` is None
+    (every example, in id order) on a Flat index, else the sorted ids FAISS found."""
     views = {layer: store.layer(layer) for layer in layers}
-    return {layer: view.scores(view.prepare(vectors[layer], metric), metric) for layer, view in views.items()}
+    prepared = {layer: view.prepare(vectors[layer], metric) for layer, view in views.items()}
+    if not store.approximate:
+        return None, {layer: view.scores(prepared[layer], metric) for layer, view in views.items()}
+    from .aggregate import top_order
+
+    depth, found, full = candidate_depth(k, store.n), [], {}
+    for layer, view in views.items():
+        if view.searchable(metric):
+            for sign in (1.0, -1.0):
+                found += [ids[ids >= 0] for ids in store.search(layer, sign * prepared[layer], depth)[1]]
+        else:  # the token rows: exact over all examples, their top lists join the candidates
+            full[layer] = view.scores(prepared[layer], metric)
+            found += [top_order(sign * column, depth) for column in full[layer].T for sign in (1.0, -1.0)]
+    candidates = np.unique(np.concatenate(found))
+    return candidates, {layer: full[layer][candidates] if layer in full else
+                        views[layer].vectors(candidates, metric).astype(np.float64) @ prepared[layer].T.astype(np.float64)
+                        for layer in layers}
 
 
 def ranked_rows(store, examples: list[dict], scores: dict, layers: list[str], sign: float, k: int,
-                agg: str, vote_p: float = 0.2) -> list[dict]:
+                agg: str, vote_p: float = 0.2, candidates: np.ndarray | None = None) -> list[dict]:
     """The top-k rows of ``layer_scores`` for one side (``sign``).
 
-    The ranking does not depend on ``k``, which only truncates it: every (layer, query) list
-    is scored exactly against every stored vector; rank averages full ranks, mean full scores,
-    and vote lets each list vote for its top ``vote_p`` fraction (``ceil(vote_p N)``, as the
-    audit does). ``retrieved_in`` names the layers in whose own top k the row is."""
+    On a Flat index (``candidates`` None) the ranking does not depend on ``k``, which only
+    truncates it: every (layer, query) list is scored exactly against every stored vector;
+    rank averages full ranks, mean full scores, and vote lets each list vote for its top
+    ``vote_p`` fraction (``ceil(vote_p N)``, as the audit does). On an approximate index the
+    same rules run over the candidates (module docstring). ``retrieved_in`` names the layers
+    in whose own top k the row is."""
     from .aggregate import top_order, vote_depth
 
-    exact = {layer: sign * scores[layer] for layer in layers}  # (N, queries) per layer
-    depth = {"vote": vote_depth(store.n, vote_p), "rank": store.n}.get(agg, 0)
+    exact = {layer: sign * scores[layer] for layer in layers}  # (candidates, queries) per layer
+    pool = store.n if candidates is None else len(candidates)
+    depth = {"vote": vote_depth(store.n, vote_p), "rank": pool}.get(agg, 0)
     full = {layer: [top_order(exact[layer][:, q], max(depth, k)) for q in range(exact[layer].shape[1])]
-            for layer in layers}  # each list sorted once and only as deep as needed (aggregate, retrieved_in)
-    lists = [ranking[:depth] for layer in layers for ranking in full[layer]]
+            for layer in layers}  # positions, each list sorted only as deep as needed
+    ids_of = (lambda positions: positions) if candidates is None else (lambda positions: candidates[positions])
+    lists = [ids_of(ranking[:depth]) for layer in layers for ranking in full[layer]]
     if agg == "mean":
-        ids, values = aggregate("mean", scores=np.concatenate([s.T for s in exact.values()]))
-        values = sign * values  # the mean influence: < 0 for opponents
+        top, values = aggregate("mean", scores=np.concatenate([s.T for s in exact.values()]))
+        top, values = ids_of(top), sign * values  # the mean influence: < 0 for opponents
     else:
-        ids, values = aggregate(agg, lists=lists, n=store.n, p=vote_p)
-    top_in = {layer: {int(i) for ranking in full[layer] for i in ranking[:k]} for layer in layers}
+        top, values = aggregate(agg, lists=lists, n=store.n, p=vote_p, partial=candidates is not None)
+    top_in = {layer: {int(i) for ranking in full[layer] for i in ids_of(ranking[:k])} for layer in layers}
+    position = (lambda i: i) if candidates is None else (lambda i: int(np.searchsorted(candidates, i)))
     return [_row(examples[int(i)], int(i), float(value),
-                 {layer: float(sign * exact[layer][int(i)].mean()) for layer in layers},
+                 {layer: float(sign * exact[layer][position(int(i))].mean()) for layer in layers},
                  [layer for layer in layers if int(i) in top_in[layer]])
-            for i, value in zip(ids[:k], values[:k])]
+            for i, value in zip(top[:k], values[:k])]
 
 
 def _row(example: dict, i: int, score: float, per_layer: dict, retrieved_in: list[str]) -> dict:

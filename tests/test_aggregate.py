@@ -196,3 +196,15 @@ def test_top_order_is_the_prefix_of_the_full_order_ties_included():
         full = order(values, higher_first)
         for depth in (1, 7, 100, 499, 500, 600):
             assert top_order(values, depth, higher_first).tolist() == full[:depth].tolist()
+
+
+def test_partial_votes_count_what_each_short_list_retrieved():
+    """An approximate search's lists may be shorter than ceil(p n): each id it holds gets
+    p n - rank, missing ids nothing (by hand: p n = 2.5, depth 3)."""
+    got = votes([np.array([4, 1]), np.array([1, 4, 0, 2])], 10, 0.25, partial=True)
+    expected = np.zeros(10)
+    expected[[4, 1]] += [2.5, 1.5]
+    expected[[1, 4, 0]] += [2.5, 1.5, 0.5]
+    np.testing.assert_allclose(got, expected)
+    with pytest.raises(Exception, match="ceil"):
+        votes([np.array([4, 1])], 10, 0.25)

@@ -51,12 +51,12 @@ def test_nearest_on_a_flat_index_equals_a_full_sort(tmp_path, sign, metric):
             assert ids.tolist() == brute_force(vectors, queries[q], sign, depth).tolist()
 
 
-@pytest.mark.parametrize("metric", ["dot", "cosine"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_nearest_on_an_approximate_index_orders_its_candidates_exactly(tmp_path, sign, metric):
-    """HNSW (which holds unit rows: cosine searches it, dot scores every example) may miss an
-    example (rescoring cannot add what the search did not find), but what it returns is in
-    exact float64 order, ties by id, without duplicates."""
+def test_nearest_on_an_approximate_index_orders_its_candidates_exactly(tmp_path, sign):
+    """HNSW (which holds unit rows: cosine searches it) may miss an example (rescoring cannot
+    add what the search did not find), but what it returns is in exact float64 order, ties by
+    id, without duplicates."""
+    metric = "cosine"
     vectors, store, queries = setup(tmp_path, "HNSW8", metric)
     for q, ids in enumerate(nearest(store, "layer", queries, sign, 20, metric)):
         assert len(ids) == len(set(ids.tolist())) == 20
@@ -153,3 +153,51 @@ def test_several_ids_give_one_result_each_unless_aggregated(bert_dir, train_tsv,
     code, out, err = run_cli(capsys, *[a for a in args if a != "--json"])
     assert code == 0, err
     assert "training example #3" in out and "training example #5" in out
+
+
+def test_dot_on_an_approximate_index_is_refused_in_one_line(tmp_path):
+    """An ANN index searches unit rows: dot is refused with the fix, not answered from a
+    scan that its compressed kinds (PQ, SQ) could not make exact."""
+    from lite_influence.errors import UserError
+
+    store = write_store(tmp_path, np.eye(4, dtype=np.float32), metric="cosine", factory="HNSW8")
+    assert store.approximate and store.metrics == ("cosine",)
+    with pytest.raises(UserError, match="approximate.*--metric cosine.*--index-factory Flat"):
+        store.check_metric("dot")
+
+
+@pytest.mark.parametrize("agg", ["vote", "rank", "mean"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_approximate_lookup_that_finds_every_example_equals_the_flat_one(tmp_path, agg, sign):
+    """With fewer examples than the search depth every example is a candidate, so the ANN
+    path (FAISS candidates, exact rescoring) must give exactly the Flat lookup's rows."""
+    from lite_influence.lookup import lookup
+
+    examples = [{"id": i, "text": f"t{i}", "label": 0} for i in range(60)]
+    results = []
+    for factory in ("Flat", "HNSW8"):
+        _, store, queries = setup(tmp_path / factory, factory, "cosine")
+        results.append(lookup(store, examples, {"layer": queries}, ["layer"], sign, 7, agg))
+    assert [(r["id"], r["score"], r["per_layer"]) for r in results[1]] == \
+           [(r["id"], r["score"], r["per_layer"]) for r in results[0]]
+
+
+def test_approximate_lookup_ranks_its_candidates_by_exact_scores(tmp_path):
+    """Past the search depth (N = 400 > 100 candidates) the rows come from FAISS's candidates,
+    each with its exact float64 cosine, mean-aggregated exactly as numpy does on them."""
+    from lite_influence.lookup import candidate_depth, layer_scores, lookup
+
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(400, 8)).astype(np.float32)
+    store = write_store(tmp_path, vectors, metric="cosine", factory="HNSW16")
+    query = rng.normal(size=(1, 8)).astype(np.float32)
+    candidates, _ = layer_scores(store, {"layer": query}, ["layer"], "cosine", 5)
+    assert candidate_depth(5, 400) == 100 and 100 <= len(candidates) <= 200
+    units = vectors.astype(np.float64) / np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
+    exact = units @ (query[0] / np.linalg.norm(query[0]))
+    rows = lookup(store, [{"id": i} for i in range(400)], {"layer": query}, ["layer"], 1.0, 5, "mean")
+    pool = np.asarray(candidates)
+    expected = pool[np.lexsort((pool, -exact[pool]))][:5]
+    assert [r["id"] for r in rows] == expected.tolist()
+    np.testing.assert_allclose([r["score"] for r in rows], exact[expected], rtol=1e-6)
+    assert len(set(expected) & set(np.argsort(-exact)[:5].tolist())) >= 4  # HNSW finds the true top

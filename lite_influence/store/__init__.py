@@ -19,7 +19,7 @@ schema), ``faiss_layers`` (every FAISS call), ``token_rows`` (sparse exact token
 """
 
 from .atomic import write_json
-from .faiss_layers import FEW_QUERIES, check_factory, faiss_module, make_faiss_index, normalise
+from .faiss_layers import FEW_QUERIES, check_factory, faiss_module, make_faiss_index, normalise, resolve_factory
 from .guard import TRAIN_MARKER
 from .manifest import FORMAT_VERSION, MANIFEST, METRICS
 from .reader import IndexStore, is_index
@@ -27,4 +27,4 @@ from .writer import IndexWriter
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "METRICS", "FEW_QUERIES", "TRAIN_MARKER", "IndexStore",
            "IndexWriter", "check_factory", "faiss_module", "is_index", "make_faiss_index",
-           "normalise", "write_json"]
+           "normalise", "resolve_factory", "write_json"]

@@ -31,9 +31,26 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.where(norms > 0, norms, 1)).astype(np.float32)
 
 
+AUTO = "auto"  # --index-factory auto: Flat below AUTO_FLAT_BELOW examples, AUTO_ANN from there
+AUTO_FLAT_BELOW = 200_000  # measured: benchmarks/results/scale.md (Flat lookup of 8 layers)
+AUTO_ANN = "HNSW32"  # measured on SST-2's real gradients: benchmarks/results/ann_sst2.md
+
+
+def resolve_factory(factory: str, n: int) -> str:
+    """The factory string a build of ``n`` examples writes (``auto`` resolved by the rule above)."""
+    return factory if factory != AUTO else ("Flat" if n < AUTO_FLAT_BELOW else AUTO_ANN)
+
+
+def approximate(factory: str) -> bool:
+    """Whether FAISS's search of this factory can miss or misorder examples (all but Flat)."""
+    return factory.replace(" ", "") not in ("Flat", "IDMap,Flat")
+
+
 def check_factory(factory: str) -> None:
     """Refuse a factory string FAISS cannot parse before the slow gradient pass, not after.
     (Whether it suits the data, e.g. PQ's dim or IVF's training size, shows only at the end.)"""
+    if factory == AUTO:
+        return
     faiss = faiss_module()
     try:
         faiss.index_factory(5040, factory, faiss.METRIC_INNER_PRODUCT)  # 5040: divisible by 1..10

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from .atomic import aside, restore_swap
-from .faiss_layers import normalise, search
+from .faiss_layers import approximate, normalise, search
 from .lock import BuildLock
 from .manifest import MANIFEST, METRICS, read_manifest
 from .views import layer_view
@@ -83,15 +83,25 @@ class IndexStore:
         return "raw" if self.metric == "dot" else "unit"
 
     @property
+    def approximate(self) -> bool:
+        """An ANN index (HNSW, IVF, PQ, SQ...): a lookup's candidates come from FAISS and are
+        re-scored exactly (``lookup.layer_scores``), so an example FAISS misses is missed."""
+        return approximate(self.manifest["index_factory"])
+
+    @property
     def metrics(self) -> tuple[str, ...]:
-        """The metrics this index answers exactly (format 2: both, from one build)."""
-        return ("cosine",) if self.holds == "unit" else METRICS
+        """The metrics this index answers (format 2: both, from one build; an ANN index
+        searches unit rows, so cosine only)."""
+        return ("cosine",) if self.holds == "unit" or self.approximate else METRICS
 
     def check_metric(self, metric: str | None) -> str:
         """The metric to answer with: ``metric``, or the index's default (build's --metric)."""
         metric = metric or self.metric
         if metric not in METRICS:
             raise UserError(f"unknown metric '{metric}'; use one of {', '.join(METRICS)}")
+        if metric not in self.metrics and self.approximate:
+            raise UserError(f"index '{self.path}' is approximate (FAISS '{self.manifest['index_factory']}'), which "
+                            "searches by cosine only; use --metric cosine, or rebuild with --index-factory Flat for dot.")
         if metric not in self.metrics:
             raise UserError(f"index '{self.path}' was built for cosine by an older lite-influence and holds unit "
                             "vectors only, so it cannot answer --metric dot; rebuild it (one build now serves both).")
