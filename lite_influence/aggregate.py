@@ -77,20 +77,21 @@ def mean_scores(scores: np.ndarray) -> np.ndarray:
     return s.mean(axis=0)
 
 
-def mean_ranks(lists: Sequence[np.ndarray], n: int) -> np.ndarray:
+def mean_ranks(lists: Sequence[np.ndarray], n: int, checked: bool = False) -> np.ndarray:
     """An id missing from a truncated top-k list takes rank k (DESIGN), i.e. ties for just past
     the end; lower = more relevant."""
     n = _check_n(n)
-    checked = _check_lists(lists, n)
     total = np.zeros(n, dtype=np.float64)
-    for a in checked:
+    lists = [np.asarray(a, np.int64) for a in lists] if checked else _check_lists(lists, n)
+    for a in lists:
         r = np.full(n, float(a.size))
         r[a] = np.arange(a.size, dtype=np.float64)
         total += r
-    return total / len(checked)
+    return total / len(lists)
 
 
-def votes(lists: Sequence[np.ndarray], n: int, p: float = 0.2, partial: bool = False) -> np.ndarray:
+def votes(lists: Sequence[np.ndarray], n: int, p: float = 0.2, partial: bool = False,
+          checked: bool = False) -> np.ndarray:
     """Each list votes for its first ceil(p*n) ids with weight p*n - rank (always positive), so
     only that prefix matters and entries beyond it are ignored; higher = more relevant.
     ``partial``: lists may be shorter (an approximate search's candidates): what is missing
@@ -98,9 +99,9 @@ def votes(lists: Sequence[np.ndarray], n: int, p: float = 0.2, partial: bool = F
     n = _check_n(n)
     depth = vote_depth(n, p)
     pn = _snap(float(p) * n)
-    checked = _check_lists(lists, n)
+    lists = [np.asarray(a, np.int64) for a in lists] if checked else _check_lists(lists, n)
     total = np.zeros(n, dtype=np.float64)
-    for i, a in enumerate(checked):
+    for i, a in enumerate(lists):
         if a.size < depth and not partial:
             raise UserError(f"list {i} has {a.size} ids but vote with p={p} needs at least "
                             f"ceil(p*n) = {depth}: retrieve at least {depth} neighbours.")
@@ -128,10 +129,14 @@ def top_order(values: np.ndarray, depth: int, higher_first: bool = True) -> np.n
     return candidates[np.lexsort((candidates, key[candidates]))][:depth]
 
 
-def aggregate(method: str, *, lists=None, scores=None, n=None, p: float = 0.2, partial: bool = False):
+def aggregate(method: str, *, lists=None, scores=None, n=None, p: float = 0.2, partial: bool = False,
+              checked: bool = False, first: int | None = None):
     """One entry point so callers pick the method by name (e.g. from a CLI flag). Returns
     (ids, most relevant first; their aggregated values in that order). For "mean" the ids are
-    candidate positions 0..M-1 of ``scores``; "rank" values are mean ranks, "vote" values votes."""
+    candidate positions 0..M-1 of ``scores``; "rank" values are mean ranks, "vote" values votes.
+    ``checked``: the lists come from the caller's own sort (unique, in range), so they are
+    not checked again (at N = 1M the check cost more than the vote); ``first``: only that many
+    ids are wanted (a partial sort: ``top_order``), not the order of all N."""
     if method not in AGGREGATIONS:
         raise UserError(f"unknown aggregation {method!r}: choose one of {', '.join(AGGREGATIONS)}.")
     if method == "mean":
@@ -144,8 +149,8 @@ def aggregate(method: str, *, lists=None, scores=None, n=None, p: float = 0.2, p
         if lists is None or n is None:
             raise UserError(f"the {method} aggregation needs the ranked lists and n.")
         if method == "rank":
-            values, higher = mean_ranks(lists, n), False
+            values, higher = mean_ranks(lists, n, checked), False
         else:
-            values, higher = votes(lists, n, p, partial), True
-    ids = order(values, higher)
+            values, higher = votes(lists, n, p, partial, checked), True
+    ids = order(values, higher) if first is None else top_order(values, first, higher)
     return ids, values[ids]

@@ -107,10 +107,11 @@ def ranked_rows(store, examples: list[dict], scores: dict, layers: list[str], si
     ids_of = (lambda positions: positions) if candidates is None else (lambda positions: candidates[positions])
     lists = [ids_of(ranking[:depth]) for layer in layers for ranking in full[layer]]
     if agg == "mean":
-        top, values = aggregate("mean", scores=np.concatenate([s.T for s in exact.values()]))
+        top, values = aggregate("mean", scores=np.concatenate([s.T for s in exact.values()]), first=k)
         top, values = ids_of(top), sign * values  # the mean influence: < 0 for opponents
     else:
-        top, values = aggregate(agg, lists=lists, n=store.n, p=vote_p, partial=candidates is not None)
+        top, values = aggregate(agg, lists=lists, n=store.n, p=vote_p, partial=candidates is not None,
+                                checked=True, first=k)
     top_in = {layer: {int(i) for ranking in full[layer] for i in ids_of(ranking[:k])} for layer in layers}
     position = (lambda i: i) if candidates is None else (lambda i: int(np.searchsorted(candidates, i)))
     return [_row(examples[int(i)], int(i), float(value),

@@ -46,6 +46,16 @@ def approximate(factory: str) -> bool:
     return factory.replace(" ", "") not in ("Flat", "IDMap,Flat")
 
 
+ROWS = 65_536  # rows per block when a layer is normalised or measured on its way into FAISS
+
+
+def row_norms(vectors: np.ndarray) -> np.ndarray:
+    """Each row's norm in float64 arithmetic (float32 result), a block at a time: a memory-
+    mapped layer of 1M rows is never copied whole (a float64 copy of one is 2 GB per 256 dims)."""
+    return np.concatenate([np.linalg.norm(np.asarray(vectors[s:s + ROWS], np.float64), axis=1)
+                           for s in range(0, len(vectors), ROWS)] or [np.zeros(0)]).astype(np.float32)
+
+
 def check_factory(factory: str) -> None:
     """Refuse a factory string FAISS cannot parse before the slow gradient pass, not after.
     (Whether it suits the data, e.g. PQ's dim or IVF's training size, shows only at the end.)"""
@@ -63,19 +73,23 @@ def check_factory(factory: str) -> None:
 def make_faiss_index(vectors: np.ndarray, metric: str, factory: str):
     """An inner-product index of the given factory string, trained if it needs training."""
     faiss = faiss_module()
-    data = normalise(vectors) if metric == "cosine" else np.ascontiguousarray(vectors, np.float32)
-    if not np.isfinite(data).all():
-        raise UserError("some gradients are NaN or infinite (model weights or inputs overflow); "
-                        "check the model, or lower --max-length.")
-    try:
-        index = faiss.index_factory(data.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+
+    def prepared(rows):
+        data = normalise(rows) if metric == "cosine" else np.ascontiguousarray(rows, np.float32)
+        if not np.isfinite(data).all():
+            raise UserError("some gradients are NaN or infinite (model weights or inputs overflow); "
+                            "check the model, or lower --max-length.")
+        return data
+    try:  # added a block at a time: no normalised copy of the layer beside FAISS's own
+        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
-            index.train(data)
-        index.add(data)
+            index.train(prepared(vectors))
+        for start in range(0, len(vectors), ROWS):
+            index.add(prepared(vectors[start:start + ROWS]))
     except RuntimeError as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "FAISS error"
-        raise UserError(f"FAISS index '{factory}' failed on {data.shape[0]} vectors of dim "
-                        f"{data.shape[1]}: {message}; try --index-factory Flat.") from exc
+        raise UserError(f"FAISS index '{factory}' failed on {vectors.shape[0]} vectors of dim "
+                        f"{vectors.shape[1]}: {message}; try --index-factory Flat.") from exc
     return index
 
 

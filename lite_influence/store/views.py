@@ -35,15 +35,17 @@ def finite(scores: np.ndarray, source: Path) -> np.ndarray:
     return scores
 
 
-CHUNK = 8192  # rows per float64 block: a small reused buffer, not a float64 copy of the layer
+CHUNK_BYTES = 2 ** 21  # per float64 block: one that stays in cache (8192 rows of 770 dims, 50 MB,
+# made the head's scan 3x slower: benchmarks/results/scale.md), never a float64 copy of the layer
 
 
 def _chunked_product(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """``rows @ queries`` in float64, a block of rows at a time (a memory-mapped layer is read
     once, in order, and never copied whole)."""
     out = np.empty((rows.shape[0], queries.shape[1]))
-    for start in range(0, rows.shape[0], CHUNK):
-        out[start:start + CHUNK] = rows[start:start + CHUNK].astype(np.float64) @ queries
+    chunk = max(64, CHUNK_BYTES // (8 * max(1, rows.shape[1])))
+    for start in range(0, rows.shape[0], chunk):
+        out[start:start + chunk] = rows[start:start + chunk].astype(np.float64) @ queries
     return out
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import UserError
 from .atomic import remove, restore_swap, swap_folder, write_file, write_json
-from .faiss_layers import make_faiss_index, write_faiss
+from .faiss_layers import make_faiss_index, row_norms, write_faiss
 from .guard import check_out, target
 from .lock import BuildLock
 from .manifest import MANIFEST, problem
@@ -239,9 +239,9 @@ class IndexWriter:
                               allow_pickle=False)
             # unit rows in FAISS (cosine, and what any ANN index searches) and the norms beside
             # them (dot = unit row x norm): one build answers both metrics (views.DenseLayer)
-            norms = np.linalg.norm(np.asarray(vectors, np.float64), axis=1).astype(np.float32)
+            norms = row_norms(vectors)
             write_file(stage / "layers" / f"{layer['name']}.norms.npy", lambda tmp: _save_npy(tmp, norms))
-            index = make_faiss_index(np.asarray(vectors), "cosine", manifest["index_factory"])
+            index = make_faiss_index(vectors, "cosine", manifest["index_factory"])
             write_faiss(index, stage / "layers" / f"{layer['name']}.faiss")
         write_json(stage / MANIFEST, manifest)
         return stage
