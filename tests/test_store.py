@@ -243,3 +243,35 @@ def test_examples_are_read_by_id_through_their_offsets(built):
         IndexStore.open(built.path).table
     (built.path / "examples.offsets.npy").unlink()
     assert IndexStore.open(built.path).table[11] == {"id": 11, "text": "é" * 11}
+
+
+def test_auto_factory_is_flat_below_the_threshold_and_the_measured_winner_above(bert_dir, train_tsv, tmp_path, capsys):
+    """`--index-factory auto` writes the resolved factory into the manifest (the build record
+    keeps "auto"); a small index is Flat, so exact, and `info` says which it is."""
+    from conftest import run_cli
+    from lite_influence.store.faiss_layers import AUTO_ANN, AUTO_FLAT_BELOW, resolve_factory
+
+    assert resolve_factory("auto", AUTO_FLAT_BELOW - 1) == "Flat"
+    assert resolve_factory("auto", AUTO_FLAT_BELOW) == AUTO_ANN != "Flat"
+    assert resolve_factory("IVF4,Flat", 10) == "IVF4,Flat"
+    index = build_index(bert_dir, train_tsv, tmp_path / "auto", projection="random", index_factory="auto")
+    store = IndexStore.open(index.path)
+    assert store.manifest["index_factory"] == "Flat" and store.manifest["build"]["index_factory"] == "auto"
+    assert not store.approximate and store.metrics == ("cosine", "dot")
+    code, out, _ = run_cli(capsys, "info", index.path)
+    assert code == 0 and "Flat (exact)" in out
+
+
+def test_a_lookup_on_an_approximate_index_says_so_and_refuses_dot(bert_dir, train_tsv, tmp_path, capsys):
+    from conftest import run_cli
+
+    index = build_index(bert_dir, train_tsv, tmp_path / "hnsw", projection="random", index_factory="HNSW8")
+    result = index.query_ids([3], k=4)
+    assert result["approximate"] == "HNSW8" and result["candidates"] == len(index)  # 12 rows: all found
+    flat = build_index(bert_dir, train_tsv, tmp_path / "flat", projection="random").query_ids([3], k=4)
+    assert "approximate" not in flat
+    assert [r["id"] for r in result["proponents"]] == [r["id"] for r in flat["proponents"]]
+    code, out, err = run_cli(capsys, "query", index.path, "--id", "3", "--metric", "dot")
+    assert code == 1 and "approximate" in err and "--metric cosine" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run_cli(capsys, "info", index.path)
+    assert code == 0 and "approximate" in out
