@@ -275,3 +275,18 @@ def test_a_lookup_on_an_approximate_index_says_so_and_refuses_dot(bert_dir, trai
     assert code == 1 and "approximate" in err and "--metric cosine" in err and len(err.strip().splitlines()) == 1
     code, out, _ = run_cli(capsys, "info", index.path)
     assert code == 0 and "approximate" in out
+
+
+def test_a_widened_ivf_probe_is_put_back_after_the_search():
+    """A search deeper than the probed lists hold widens nprobe for itself only."""
+    import faiss
+
+    from lite_influence.store.faiss_layers import _ivf, search
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((400, 8)).astype(np.float32)
+    index = faiss.index_factory(8, "IVF8,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    _, ids = search(index, vectors[:2], 300)
+    assert (ids >= 0).all() and _ivf(index).nprobe == 1

@@ -169,7 +169,10 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return _scan(flat_vectors(index), queries, k)
     scores, ids = index.search(queries, k)
     ivf = _ivf(index)
+    stored = ivf.nprobe if ivf is not None else None
     while ivf is not None and (ids < 0).any() and ivf.nprobe < ivf.nlist:
         ivf.nprobe = min(ivf.nlist, 2 * ivf.nprobe)
         scores, ids = index.search(queries, k)
+    if ivf is not None:  # widened for this search only: a deep audit search must not slow later lookups
+        ivf.nprobe = stored
     return scores, ids
