@@ -332,6 +332,7 @@ def main() -> None:
     parser.add_argument("--audit-queries", type=int, default=300)
     parser.add_argument("--layers", default="", help="FAISS layers to measure (default: every one)")
     parser.add_argument("--million", default="", help="factory to measure at N = 1M (e.g. HNSW32)")
+    parser.add_argument("--million-only", action="store_true", help="only the 1M point (ann_sst2_million.json)")
     args = parser.parse_args()
     import torch
 
@@ -342,6 +343,11 @@ def main() -> None:
     index = InfluenceIndex.open(flat)
     queries = query_vectors(args.work, index)
     dense = {k: v for k, v in queries.items() if not hasattr(v, "row")}
+    if args.million_only:  # the 1M point alone, beside a finished run's tables
+        big = million(index.store, dense, args.million)
+        (RESULTS / "ann_sst2_million.json").write_text(json.dumps(big, indent=2, default=float))
+        print(json.dumps(big, default=float))
+        return
     layer_rows, built = per_layer(index.store, dense, [s for s in args.layers.split(",") if s])
     products = products_of(flat, args.work, built, queries, args) if not args.layers else {}
     big = million(index.store, dense, args.million) if args.million else None

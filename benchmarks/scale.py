@@ -166,14 +166,15 @@ def measure(work: Path, n: int, keep: bool) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| N | open (ms) | info in-process / CLI (ms) | first query (ms) | warm query vote / mean (ms) | numpy scan (ms) | vote / scan | mean / scan | RSS (MB: total, anon, file) | disk (GB) | dense disk / bound | load (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | open (ms) | info in-process / CLI (ms) | first query (ms) | warm query vote / mean (ms) | numpy scan (ms) | vote / scan | mean / scan | RSS (MB: total, anon, file) | disk (GB) | disk / bound | dense layers / bound | token rows (GB) | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['n']:,} | {1e3 * r['open_s']:.0f} | {1e3 * r['info_s']:.0f} / {1e3 * r['info_cli_s']:.0f} | "
                      f"{1e3 * r['first_query_s']:.0f} | {1e3 * r['query_vote_s']:.0f} / {1e3 * r['query_mean_s']:.0f} | "
                      f"{1e3 * r['scan_s']:.0f} | {r['query_vote_s'] / r['scan_s']:.2f} | {r['query_mean_s'] / r['scan_s']:.2f} | "
                      f"{r['VmRSS_mb']:.0f}, {r['RssAnon_mb']:.0f}, {r['RssFile_mb']:.0f} | {r['disk_bytes'] / 1e9:.2f} | "
-                     f"{r['dense_bytes'] / r['dense_bound_bytes']:.3f} | {r['load'][0]:.2f} |")
+                     f"{r['disk_bytes'] / r['bound_bytes']:.3f} | {r['dense_bytes'] / r['dense_bound_bytes']:.3f} | "
+                     f"{r['token_rows_bytes'] / 1e9:.2f} | {r['load'][0]:.2f} |")
     return "\n".join(lines)
 
 

@@ -290,3 +290,14 @@ def test_a_widened_ivf_probe_is_put_back_after_the_search():
     index.add(vectors)
     _, ids = search(index, vectors[:2], 300)
     assert (ids >= 0).all() and _ivf(index).nprobe == 1
+
+
+def test_an_ivf_index_is_written_probing_a_32nd_of_its_lists(tmp_path):
+    """FAISS's default nprobe of 1 misses a fifth of the top 10; the store writes 1/32 of the
+    lists (rounded up), and the file keeps it."""
+    from lite_influence.store.faiss_layers import _ivf, make_faiss_index, read_faiss, write_faiss
+
+    vectors = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    index = make_faiss_index(vectors, "cosine", "IVF40,Flat")
+    write_faiss(index, tmp_path / "l.faiss")
+    assert _ivf(read_faiss(tmp_path / "l.faiss", 8, 3000)).nprobe == 2

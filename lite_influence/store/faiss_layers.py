@@ -32,7 +32,7 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 AUTO = "auto"  # --index-factory auto: Flat below AUTO_FLAT_BELOW examples, AUTO_ANN from there
-AUTO_FLAT_BELOW = 200_000  # measured: benchmarks/results/scale.md (Flat lookup of 8 layers)
+AUTO_FLAT_BELOW = 100_000  # measured: a Flat lookup of 8 layers takes 0.4 s at 100k, 5-23 s at 1M (results/scale.md)
 AUTO_ANN = "HNSW32"  # measured on SST-2's real gradients: benchmarks/results/ann_sst2.md
 
 
@@ -46,6 +46,9 @@ def approximate(factory: str) -> bool:
     return factory.replace(" ", "") not in ("Flat", "IDMap,Flat")
 
 
+PROBE_SHARE = 32  # an IVF index is written probing 1/32 of its lists: on SST-2's real gradients
+# (60k rows, 985 lists) 16-32 probes gave lookup recall@10 0.94-0.99, 1-8 only 0.82-0.90
+# (benchmarks/results/ann_sst2.md); FAISS stores nprobe in the file, a user may lower it
 ROWS = 65_536  # rows per block when a layer is normalised or measured on its way into FAISS
 
 
@@ -86,6 +89,9 @@ def make_faiss_index(vectors: np.ndarray, metric: str, factory: str):
             index.train(prepared(vectors))
         for start in range(0, len(vectors), ROWS):
             index.add(prepared(vectors[start:start + ROWS]))
+        ivf = _ivf(index)
+        if ivf is not None and ivf.nprobe == 1:  # FAISS's default probe finds ~0.8 of the top 10
+            ivf.nprobe = -(-ivf.nlist // PROBE_SHARE)
     except RuntimeError as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "FAISS error"
         raise UserError(f"FAISS index '{factory}' failed on {vectors.shape[0]} vectors of dim "
