@@ -271,15 +271,26 @@ def million(store, queries: dict, factory: str, layer: str = "block3", n: int = 
     start = time.perf_counter()
     index = make_faiss_index(x, "cosine", factory)
     build_s = time.perf_counter() - start
-    found = {s: lookup_path(index, s * q, DEPTH, 10)[1] for s in (1, -1)}
-    times = []
-    for row in q[:50]:
-        t = time.perf_counter()
-        lookup_path(index, row[None], DEPTH, 10)
-        times.append(time.perf_counter() - t)
-    return {"n": n, "layer": layer, "factory": factory, "noise_norm": 0.2, "build_s": build_s,
-            "recall@10": float(np.mean([recall(found[s], truth[s]) for s in (1, -1)])),
-            "search_rescore_ms": 1e3 * statistics.median(times), "load": os.getloadavg()[0]}
+    out = {"n": n, "layer": layer, "factory": factory, "noise_norm": 0.2, "build_s": build_s, "ef": {}}
+    from lite_influence.store.faiss_layers import _ivf
+
+    ivf = _ivf(index)
+    points = (16, 200, 400, 800) if hasattr(index, "hnsw") else (ivf.nprobe // 4, ivf.nprobe // 2, ivf.nprobe)
+    for ef in points:  # HNSW: efSearch (FAISS searches max(efSearch, depth); 16 is its default); IVF: nprobe
+        if hasattr(index, "hnsw"):
+            index.hnsw.efSearch = ef
+        else:
+            ivf.nprobe = ef
+        found = {s: lookup_path(index, s * q, DEPTH, 10)[1] for s in (1, -1)}
+        times = []
+        for row in q[:50]:
+            t = time.perf_counter()
+            lookup_path(index, row[None], DEPTH, 10)
+            times.append(time.perf_counter() - t)
+        out["ef"][ef] = {"recall@10": float(np.mean([recall(found[s], truth[s]) for s in (1, -1)])),
+                         "search_rescore_ms": 1e3 * statistics.median(times), "load": os.getloadavg()[0]}
+        print(ef, out["ef"][ef], flush=True)
+    return out
 
 
 def report(layers: list[dict], products: dict, big: dict | None, meta: dict) -> str:
@@ -303,10 +314,18 @@ def report(layers: list[dict], products: dict, big: dict | None, meta: dict) -> 
                      f"{p['ndr30'].get('mean', float('nan')):.4f} | {p['ndr30']['audit_s']:.0f} |")
     if big:
         lines += ["", f"N = 1M ({big['layer']}: the real rows tiled, each copy plus Gaussian noise of norm "
-                  f"{big['noise_norm']}, renormalised), {big['factory']}: build {big['build_s']:.0f} s, lookup recall@10 "
-                  f"{big['recall@10']:.3f}, search + exact re-scoring of one list {big['search_rescore_ms']:.2f} ms "
-                  f"(load {big['load']:.1f})."]
+                  f"{big['noise_norm']}, renormalised), {big['factory']}: build {big['build_s']:.0f} s; per efSearch or nprobe: "
+                  + "; ".join(f"{ef}: lookup recall@10 {p['recall@10']:.3f}, search + exact re-scoring of one list "
+                              f"{p['search_rescore_ms']:.2f} ms (load {p['load']:.1f})" for ef, p in big["ef"].items())]
     return "\n".join(lines)
+
+
+def _built(store, layer: str, kind: str):
+    from lite_influence.store import make_faiss_index
+    from lite_influence.store.faiss_layers import flat_vectors
+
+    x = np.array(flat_vectors(store.layer(layer).index))
+    return make_faiss_index(x, "cosine", factories(len(x), x.shape[1])[kind])
 
 
 def products_of(flat: Path, work: Path, built: dict, queries: dict, args) -> dict:
@@ -333,6 +352,7 @@ def main() -> None:
     parser.add_argument("--layers", default="", help="FAISS layers to measure (default: every one)")
     parser.add_argument("--million", default="", help="factory to measure at N = 1M (e.g. HNSW32)")
     parser.add_argument("--million-only", action="store_true", help="only the 1M point (ann_sst2_million.json)")
+    parser.add_argument("--products-only", default="", help="kinds to compare as whole indexes alone (ann_sst2_products.json)")
     args = parser.parse_args()
     import torch
 
@@ -347,6 +367,12 @@ def main() -> None:
         big = million(index.store, dense, args.million)
         (RESULTS / "ann_sst2_million.json").write_text(json.dumps(big, indent=2, default=float))
         print(json.dumps(big, default=float))
+        return
+    if args.products_only:  # whole-index comparisons alone, each kind built with the store's defaults
+        built = {(kind, layer): _built(index.store, layer, kind) for kind in args.products_only.split(",")
+                 for layer in index.store.layers if index.store.layer(layer).kind == "dense"}
+        products = products_of(flat, args.work, built, queries, args)
+        (RESULTS / "ann_sst2_products.json").write_text(json.dumps(products, indent=2, default=float))
         return
     layer_rows, built = per_layer(index.store, dense, [s for s in args.layers.split(",") if s])
     products = products_of(flat, args.work, built, queries, args) if not args.layers else {}

@@ -246,7 +246,9 @@ def _layer_sums(index, layer, vectors, subsets, aggs, vote_p, metric):
             # rank sums are whole numbers, exact in float64: tied examples stay tied
             sums[subset]["rank"] = np.rint(mean_ranks(lists, len(index)) * len(lists))
         if "vote" in aggs:
-            sums[subset]["vote"] = votes([neighbours[q] for q in rows], len(index), vote_p)
+            # an ANN search may return fewer than ceil(pN) (HNSW does): they vote, the rest gets none
+            sums[subset]["vote"] = votes([neighbours[q] for q in rows], len(index), vote_p,
+                                         partial=index.store.approximate)
     cancel = ndr.cancellation_ratio(full) if full is not None and len(full) else float("nan")
     return sums, cancel
 

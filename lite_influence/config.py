@@ -88,7 +88,7 @@ class BuildConfig(ModelOptions, Columns):
     exact_max: int = option(1024, "A weight matrix with one side no wider than --proj-dim and at most this many numbers is stored exactly, not projected (a 2-class head of a 384-wide model: 770 numbers); 0 projects everything.")
     fit_examples: int = option(256, "Training examples used to fit the pca eigenbasis (one extra forward/backward pass over them).")
     metric: str = option("cosine", "The metric queries and audits use unless they pass --metric: cosine (normalised gradients, best for lookup) or dot (raw TracIn inner products, the paper's score); every index answers both, and approximate (non-Flat) FAISS indexes search by cosine.")
-    index_factory: str = option("Flat", "FAISS index factory string: Flat (exact), HNSW32, IVF256,Flat, PQ32, ...; auto: Flat below 100,000 examples, HNSW32 from there (measured: README, Nearest-neighbour indexes). Any but Flat is approximate: a lookup ranks FAISS's candidates, re-scored exactly, and answers cosine only.")
+    index_factory: str = option("Flat", "FAISS index factory string: Flat (exact), HNSW32, IVF256,Flat, PQ32, ...; auto: Flat below 100,000 examples, IVF with 4 sqrt(N) lists from there (measured: README, Nearest-neighbour indexes). Any but Flat is approximate: a lookup ranks FAISS's candidates, re-scored exactly, and answers cosine only.")
     batch_size: int = option(16, "Examples per forward/backward pass.")
     seed: int = option(0, "Seed for the random projection, the fitting sample and a newly initialised head.")
     limit: int | None = option(None, "Index only the first N rows of the training file.")

@@ -249,10 +249,11 @@ def test_auto_factory_is_flat_below_the_threshold_and_the_measured_winner_above(
     """`--index-factory auto` writes the resolved factory into the manifest (the build record
     keeps "auto"); a small index is Flat, so exact, and `info` says which it is."""
     from conftest import run_cli
-    from lite_influence.store.faiss_layers import AUTO_ANN, AUTO_FLAT_BELOW, resolve_factory
+    from lite_influence.store.faiss_layers import AUTO_FLAT_BELOW, resolve_factory
 
-    assert resolve_factory("auto", AUTO_FLAT_BELOW - 1) == "Flat"
-    assert resolve_factory("auto", AUTO_FLAT_BELOW) == AUTO_ANN != "Flat"
+    assert AUTO_FLAT_BELOW == 100_000 and resolve_factory("auto", 99_999) == "Flat"
+    assert resolve_factory("auto", 100_000) == "IVF1265,Flat"  # 4 sqrt(N) lists
+    assert resolve_factory("auto", 1_000_000) == "IVF4000,Flat"
     assert resolve_factory("IVF4,Flat", 10) == "IVF4,Flat"
     index = build_index(bert_dir, train_tsv, tmp_path / "auto", projection="random", index_factory="auto")
     store = IndexStore.open(index.path)
