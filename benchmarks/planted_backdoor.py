@@ -314,7 +314,7 @@ def hook_check(loaded, units, layers, projectors, encodings, labels, batch) -> f
     the dense layers (the exact token rows are checked against autograd in tests)."""
     layers = {n: ms for n, ms in layers.items() if not isinstance(projectors[ms[0].name], sketches.TokensExact)}
     ordered = [projectors[u.name] for ms in layers.values() for u in ms]
-    vectors, _, _ = layer_vectors(loaded, ordered, layers, encodings, labels, batch)
+    vectors = layer_vectors(loaded, ordered, layers, encodings, labels, batch)[0]
     got = capture(loaded, units, encodings, labels, batch)
     worst = 0.0
     for name, members in layers.items():

@@ -199,8 +199,8 @@ def run_audit(index, queries, config, progress) -> AuditResult:
 def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """What influence must beat, ranked like it (most suspicious first): the training loss at
     build time (high first; mislabeled examples are the ones a model fits worst), the
-    self-influence of all layers (squared gradient norm, high first; not for an old cosine
-    index, which stores unit vectors only), and the rank fusion of the headline influence ranking
+    self-influence of all layers (squared gradient norm, high first: exact where the build
+    stored exact norms; not for an old cosine index, which stores unit vectors only), and the rank fusion of the headline influence ranking
     with the loss (mean of the two positions, ties by id): the honest question is whether
     influence adds anything to the loss."""
     out = {}
@@ -208,7 +208,7 @@ def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray,
     if losses is not None:
         out["training loss"] = _ranked(losses)
     if "dot" in index.store.metrics:
-        squares = sum(index.store.layer(layer).squared_norms("dot") for layer in index.layers)
+        squares = sum(_self_influence(index.store.layer(layer)) for layer in index.layers)
         out["self-influence"] = _ranked(squares)
     if losses is not None and result.table:
         influence = result.ranking
@@ -217,6 +217,12 @@ def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray,
         position[out["training loss"][0]] += np.arange(len(influence))
         out["influence + loss"] = _ranked(-position)
     return out
+
+
+def _self_influence(view) -> np.ndarray:
+    """The exact squared gradient norm where the build stored it, else the sketch's."""
+    exact = view.exact.values()
+    return view.squared_norms("dot") if exact is None else exact ** 2
 
 
 def _ranked(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

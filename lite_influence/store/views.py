@@ -21,6 +21,7 @@ from .token_rows import TokenRows
 
 TOKEN_FILES = ("indptr", "tokens", "values")
 BY_TOKEN = "by_token.npy"  # the entries sorted by token (the posting lists), written at build
+EXACT_NORMS = "exact_norms.npy"  # layers/NAME.exact_norms.npy: each example's exact gradient norm
 
 
 def tokens_folder(root: Path, layer: str) -> Path:
@@ -51,6 +52,28 @@ def _unit_scale(norms: np.ndarray) -> np.ndarray:
     return 1 / np.where(norms > 0, norms, 1)
 
 
+class ExactNorms:
+    """Each example's exact gradient norm in the layer (``NAME.exact_norms.npy``, from builds
+    that computed them): what self-influence is and cosine could divide by. A sketch keeps
+    a varying share of each example's gradient, so its own norms are not these."""
+
+    def __init__(self, root: Path, info: dict, n: int):
+        self.file, self.n = root / "layers" / f"{info['name']}.{EXACT_NORMS}", n
+        self.stored = bool(info.get("exact_norms"))
+        self._values = None
+
+    def values(self) -> np.ndarray | None:
+        if self.stored and self._values is None:
+            try:
+                values = np.load(self.file, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{self.file} is missing or damaged ({type(exc).__name__}); rebuild the index.") from None
+            if values.shape != (self.n,) or not np.isfinite(values).all():
+                raise UserError(f"{self.file} does not hold {self.n} finite norms; rebuild the index.")
+            self._values = values.astype(np.float64)
+        return self._values
+
+
 class DenseLayer:
     """A FAISS layer. Format 2 stores unit rows in FAISS (what cosine and every ANN index
     search) and each example's norm beside them (``NAME.norms.npy``), so both metrics are
@@ -62,6 +85,7 @@ class DenseLayer:
     def __init__(self, root: Path, info: dict, n: int, holds: str):
         self.file, self.dim, self.n, self.holds = root / "layers" / f"{info['name']}.faiss", info["dim"], n, holds
         self.norms_file = root / "layers" / f"{info['name']}.norms.npy"
+        self.exact = ExactNorms(root, info, n)
         self._index = self._norms = None
 
     @property
@@ -143,6 +167,7 @@ class TokenLayer:
     def __init__(self, root: Path, info: dict, n: int, holds: str = "raw"):
         self.folder, self.dim, self.n = tokens_folder(root, info["name"]), info["dim"], n
         self.entries = info.get("entries")
+        self.exact = ExactNorms(root, info, n)
         self._rows = self._norms = None
 
     def searchable(self, metric: str) -> bool:
