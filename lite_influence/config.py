@@ -120,6 +120,15 @@ def _check_metric(metric: str | None) -> None:
 
 
 AGGREGATIONS = ("mean", "rank", "vote")  # aggregate.py's names; kept here so config stays light
+SCORES = ("gradient", "curvature")  # curvature.py's; kept here for the same reason
+SCORE_HELP = ("gradient (plain gradient similarity: TracIn, the paper's score) or curvature (influence functions: "
+              "divided by EK-FAC's damped curvature in the stored eigenbasis, from the stored vectors; README, Curvature).")
+
+
+def check_score(score: str) -> str:
+    if score not in SCORES:
+        raise UserError(f"unknown score '{score}'; use one of {', '.join(SCORES)}")
+    return score
 
 
 @dataclass
@@ -136,8 +145,10 @@ class QueryConfig(Columns):
     metric: str | None = option(None, "cosine (normalised gradients, best for lookup) or dot (raw TracIn inner products); default: the index's (build --metric). One build answers both.")
     aggregate: bool = option(False, "With --file or several --id: one ranking for all the queries together instead of one result per query.")
     max_new_tokens: int = option(20, "Causal LM without --completion: explain the model's greedy continuation of up to this many tokens (it stops at end-of-text).")
+    score: str = option("gradient", SCORE_HELP)
 
     def validate(self):
+        check_score(self.score)
         if self.agg not in AGGREGATIONS:
             raise UserError(f"unknown aggregation '{self.agg}'; use one of {', '.join(AGGREGATIONS)}")
         if self.k < 1:
@@ -161,6 +172,7 @@ class AuditConfig(Columns):
     metric: str | None = option(None, "cosine or dot: how influence compares gradients; default: the index's (build --metric). One build answers both.")
     noise_col: str | None = option(None, "Column of the indexed training data flagging known-mislabeled examples (1/true); default: 'noisy' when present.")
     batch_size: int = option(16, "Queries per forward/backward pass.")
+    score: str = option("gradient", SCORE_HELP)
 
     @property
     def level_fractions(self) -> tuple[float, ...]:
@@ -184,6 +196,7 @@ class AuditConfig(Columns):
     def validate(self):
         self.level_fractions, self.agg_list
         _check_metric(self.metric)
+        check_score(self.score)
         if not 0 < self.vote_p <= 1:
             raise UserError(f"--vote-p must be in (0, 1], got {self.vote_p}")
         _at_least(self, ("batch_size",), 1)

@@ -34,8 +34,9 @@ By default the word embeddings' token side is not projected at all (``token_proj
 Projection, for the figures). What follows about that side is for ``--token-dim 0`` and tied
 embeddings.
 
-A side whose dimension is not larger than k is kept exactly (identity): a 2-class head's
-output side costs 2 dims and loses nothing. The embeddings' input side (one-hot tokens) has a
+A side whose dimension is not larger than k is kept exactly: the identity (random sides), or
+its whole eigenbasis, a rotation (fitted sides: ``eigen_side``): a 2-class head's output side
+costs 2 dims and loses nothing. The embeddings' input side (one-hot tokens) has a
 diagonal covariance (token counts), so its eigenbasis keeps the k most frequent tokens
 exactly and drops the rest. DESIGN.md expected that to be poor and chose random there; we
 measured the opposite on MiniLM/SST-2 (Spearman vs exact 0.82 against 0.04 at 64 dims):
@@ -144,10 +145,16 @@ def random_side(dim: int, k: int, seed: int, unit_name: str, side: str) -> Side:
 
 def eigen_side(covariance: torch.Tensor, k: int) -> Side:
     """Top-k eigenvectors of a covariance, signs fixed so the result is reproducible. A 1-D
-    covariance is a diagonal (token counts): its eigenvectors are the k heaviest coordinates."""
+    covariance is a diagonal (token counts): its eigenvectors are the k heaviest coordinates.
+
+    With k >= dim a dense side keeps all its eigenvectors, a rotation: exact like the identity
+    (it is orthogonal), and the basis in which K-FAC's curvature is diagonal, which
+    ``--score curvature`` needs (curvature.py; the identity there would give only a diagonal
+    Fisher). A diagonal covariance's full eigenbasis is the identity."""
     dim = covariance.shape[0]
-    if k >= dim:
+    if k >= dim and covariance.dim() == 1:
         return Side(None, dim)
+    k = min(k, dim)
     if covariance.dim() == 1:
         counts = covariance.double().numpy()
         order = torch.from_numpy(np.lexsort((np.arange(dim), -counts))[:k].copy())
@@ -206,7 +213,7 @@ def hybrid_side(unit: Unit, side: str, covariance: torch.Tensor, k: int, seed: i
                 kept: int | None = None, scale: float | None = None) -> Side:
     """A fitted side with ``kept`` eigen columns (default ``hybrid_kept``) and a random
     sketch of the complement, weighted ``scale`` (default ``HYBRID_SCALE``), in the other
-    ``k - kept``; the identity when k >= dim."""
+    ``k - kept``; the whole eigenbasis (exact) when k >= dim."""
     kept = hybrid_kept(unit, side, k) if kept is None else kept
     scale = HYBRID_SCALE[_kind(unit, side)] if scale is None else scale
     if k >= covariance.shape[0] or kept >= k:
