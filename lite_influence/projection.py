@@ -34,16 +34,15 @@ By default the word embeddings' token side is not projected at all (``token_proj
 Projection, for the figures). What follows about that side is for ``--token-dim 0`` and tied
 embeddings.
 
-A side whose dimension is not larger than k is kept exactly: the identity (random sides), or
-its whole eigenbasis, a rotation (fitted sides: ``eigen_side``): a 2-class head's output side
-costs 2 dims and loses nothing. The embeddings' input side (one-hot tokens) has a
-diagonal covariance (token counts), so its eigenbasis keeps the k most frequent tokens
-exactly and drops the rest. DESIGN.md expected that to be poor and chose random there; we
-measured the opposite on MiniLM/SST-2 (Spearman vs exact 0.82 against 0.04 at 64 dims):
-between two different texts the exact embedding influence lives almost entirely in the rows
-of shared frequent tokens ([CLS], [SEP], "the", ...), and random mixing of the rare tokens
-adds cross-token noise that swamps it. In ``random`` mode it stays random. A dense side too
-large for a covariance matrix (see ``MAX_COVARIANCE_DIM``) is random.
+A side no wider than k is kept exactly (the identity; a fitted side: its whole eigenbasis): a
+2-class head's output side costs 2 dims and loses nothing. The embeddings' input side (one-hot
+tokens) has a diagonal covariance (token counts), so its eigenbasis keeps the k most frequent
+tokens exactly and drops the rest. DESIGN.md expected that to be poor and chose random there;
+we measured the opposite on MiniLM/SST-2 (Spearman vs exact 0.82 against 0.04 at 64 dims):
+between two different texts the exact embedding influence lives almost entirely in the rows of
+shared frequent tokens ([CLS], [SEP], "the", ...), and random mixing of the rare tokens adds
+cross-token noise that swamps it. In ``random`` mode it stays random. A dense side too large
+for a covariance matrix (see ``MAX_COVARIANCE_DIM``) is random.
 
 Tied embeddings (a causal LM whose LM head shares them, ``Unit.tied``) are the exception: their
 vocabulary side also carries the head's logit gradients, dense over the whole vocabulary and
@@ -144,17 +143,12 @@ def random_side(dim: int, k: int, seed: int, unit_name: str, side: str) -> Side:
 
 
 def eigen_side(covariance: torch.Tensor, k: int) -> Side:
-    """Top-k eigenvectors of a covariance, signs fixed so the result is reproducible. A 1-D
-    covariance is a diagonal (token counts): its eigenvectors are the k heaviest coordinates.
-
-    With k >= dim a dense side keeps all its eigenvectors, a rotation: exact like the identity
-    (it is orthogonal), and the basis in which K-FAC's curvature is diagonal, which
-    ``--score curvature`` needs (curvature.py; the identity there would give only a diagonal
-    Fisher). A diagonal covariance's full eigenbasis is the identity."""
-    dim = covariance.shape[0]
-    if k >= dim and covariance.dim() == 1:
+    """Top-k eigenvectors of a covariance, signs fixed so the result is reproducible; k >= dim
+    keeps them all (exact, and K-FAC's diagonal basis: curvature.py). A 1-D covariance is a
+    diagonal (token counts): its eigenvectors are the k heaviest coordinates, all: the identity."""
+    dim, k = covariance.shape[0], min(k, covariance.shape[0])
+    if k == dim and covariance.dim() == 1:
         return Side(None, dim)
-    k = min(k, dim)
     if covariance.dim() == 1:
         counts = covariance.double().numpy()
         order = torch.from_numpy(np.lexsort((np.arange(dim), -counts))[:k].copy())
