@@ -161,10 +161,12 @@ def run_audit(index, queries, config, progress) -> AuditResult:
     per_layer, cancellation = {}, {}
     for number, layer in enumerate(layers):
         per_layer[layer], cancellation[layer] = _layer_sums(index, layer, grads.vectors[layer], subsets, aggs,
-                                                            config.vote_p, metric, config.score)
+                                                            config.vote_p, metric, (config.score, config.damping))
         progress("layers", number + 1, len(layers))
     result = AuditResult(len(index), len(examples), int(grads.correct.sum()), noisy, levels,
                          cancellation=cancellation, metric=metric, score=config.score)
+    if config.score == "curvature":
+        result.notes.append(f"score: curvature (damping {config.damping:g} x the mean curvature per weight matrix)")
     result.warning = chance_warning(grads)
     if result.warning:
         result.notes.insert(0, result.warning)
@@ -226,15 +228,16 @@ def _ranked(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, values[ids]
 
 
-def _layer_sums(index, layer, vectors, subsets, aggs, vote_p, metric, score="gradient"):
+def _layer_sums(index, layer, vectors, subsets, aggs, vote_p, metric, scoring=("gradient", 0.1)):
     """Per query subset and aggregation, this layer's lists combined over queries, in a form
-    that adds up over layers: mean score sum, mean-rank sum, vote sum."""
-    view = layer_view(index.store, layer, score)
+    that adds up over layers: mean score sum, mean-rank sum, vote sum. ``scoring``: (score,
+    damping), as curvature.layer_view takes them."""
+    view = layer_view(index.store, layer, *scoring)
     queries = view.prepare(vectors, metric)
     need_full = "mean" in aggs or "rank" in aggs
     full = view.scores(queries, metric).T if need_full else None  # (Q, N)
     if "vote" in aggs:
-        neighbours = nearest(index.store, layer, queries, -1.0, vote_depth(len(index), vote_p), metric, score)
+        neighbours = nearest(index.store, layer, queries, -1.0, vote_depth(len(index), vote_p), metric, *scoring)
     sums = {}
     for subset, mask in subsets.items():
         rows = np.flatnonzero(mask)

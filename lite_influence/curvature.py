@@ -19,7 +19,8 @@ extra pass over the model. Then
 so only the query is scaled (per coordinate) and each stored row's curvature norm
 ``|w^1/2 phi_i|`` is computed once. Damping: ``lambda = DAMPING_SCALE x mean(Lambda)`` over each
 unit's coordinates (Kronfluence's heuristic, per module; coordinates of one unit share nothing
-with another's); a unit whose training vectors are all zero gets weight 0 (it scores nothing).
+with another's; ``--damping`` sets the 0.1); a unit whose training vectors are all zero gets
+weight 0 (it scores nothing).
 Like the fitted covariances, Lambda comes from the gradients at the training labels: the
 empirical Fisher (Kronfluence samples labels from the model by default).
 
@@ -38,11 +39,11 @@ What the diagonal is, per kind of stored coordinate:
 * a side stored as the identity (a random build's full-width sides and whole head; indexes
   built before full-width sides kept their eigenbasis): the diagonal empirical Fisher there.
 
-The per-layer result (Lambda and the rows' curvature norms) is cached as
-``INDEX/curvature/NAME.npz``, written atomically, with N and a digest of the manifest: an
-index that is rebuilt, grown or shrunk has another manifest, and the cache is recomputed (so
-is a missing or damaged one; a read-only index recomputes it in memory). Pure numpy on the
-stored vectors: no torch, no model.
+The per-layer result (Lambda, and the rows' curvature norms per damping once cosine needs
+them) is cached as ``INDEX/curvature/NAME.npz``, written atomically, with N and a digest of
+the manifest: an index that is rebuilt, grown or shrunk has another manifest, and the cache
+is recomputed (so is a missing or damaged one; a read-only index recomputes it in memory).
+Pure numpy on the stored vectors: no torch, no model.
 """
 
 from __future__ import annotations
@@ -63,22 +64,25 @@ CHUNK = 8192  # stored rows (or token entries x 8) per float64 block
 _VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # store -> {layer: CurvedLayer}
 
 
-def layer_view(store, layer: str, score: str = "gradient"):
+def layer_view(store, layer: str, score: str = "gradient", damping: float = DAMPING_SCALE):
     """The layer as ``score`` compares it: the store's own view (gradient), or a
-    ``CurvedLayer`` over it (curvature), computed once per open store."""
+    ``CurvedLayer`` over it (curvature, damped by ``damping`` x mean(Lambda) per unit),
+    computed once per open store."""
     from .config import check_score
 
-    view = store.layer(layer)
+    view, damping = store.layer(layer), float(damping)
     if check_score(score) == "gradient":
         return view
     per_store = _VIEWS.setdefault(store, {})
-    if layer not in per_store:
+    if (layer, damping) not in per_store:
         if "dot" not in view.metrics:
             raise UserError(f"index '{store.path}' holds unit vectors only (built for cosine by an older "
                             "lite-influence), so the second moment of its gradients that --score curvature "
                             "divides by is unknown; rebuild it (one build now serves both).")
-        per_store[layer] = CurvedLayer(view, cached_moments(store, layer, view))
-    return per_store[layer]
+        if layer not in per_store:
+            per_store[layer] = Moments(store, layer, view)
+        per_store[(layer, damping)] = CurvedLayer(view, per_store[layer], damping)
+    return per_store[(layer, damping)]
 
 
 def unit_slices(info: dict) -> list[slice]:
@@ -112,15 +116,55 @@ def token_second_moment(rows, n: int) -> tuple[np.ndarray, np.ndarray]:
     return seen, total / max(n, 1)
 
 
-def damped_inverse(second: np.ndarray, parts: list) -> np.ndarray:
-    """``1 / (Lambda + lambda)`` with ``lambda = DAMPING_SCALE x mean(Lambda)`` over each part
-    (a unit's coordinates); 0 for a part with no training mass."""
+def damped_inverse(second: np.ndarray, parts: list, damping: float) -> np.ndarray:
+    """``1 / (Lambda + lambda)`` with ``lambda = damping x mean(Lambda)`` over each part (a
+    unit's coordinates); 0 for a part with no training mass."""
     weights = np.zeros_like(second, dtype=np.float64)
     for part in parts:
-        damping = DAMPING_SCALE * second[part].mean() if second[part].size else 0.0
-        if damping > 0:
-            weights[part] = 1.0 / (second[part] + damping)
+        floor = damping * second[part].mean() if second[part].size else 0.0
+        if floor > 0:
+            weights[part] = 1.0 / (second[part] + floor)
     return weights
+
+
+class Moments:
+    """One layer's Lambda (and, for token rows, the tokens it covers), from its cache file when
+    that matches the index, else computed from the stored rows and saved; the rows' curvature
+    norms per damping, computed when cosine first needs them and saved beside it."""
+
+    def __init__(self, store, layer: str, view):
+        self.view, self.file, self.stamp = view, cache_file(store, layer), _stamp(store)
+        self.parts = [slice(None)] if view.kind == "tokens" else unit_slices(store.layer_info(layer))
+        self.arrays = _read_cache(self.file, self.stamp, view)
+        if self.arrays is None:
+            if view.kind == "tokens":
+                seen, second = token_second_moment(view.stored, view.n)
+                self.arrays = {"second": second, "seen": seen}
+            else:
+                self.arrays = {"second": dense_second_moment(view, view.n)}
+            self._save()
+
+    @property
+    def second(self) -> np.ndarray:
+        return self.arrays["second"]
+
+    def norms(self, layer: "CurvedLayer") -> np.ndarray:
+        key = f"norms@{layer.damping!r}"
+        if key not in self.arrays:
+            self.arrays[key] = row_norms(self.view, layer)
+            self._save()
+        return self.arrays[key]
+
+    def _save(self) -> None:
+        """Atomically; skipped where the index folder cannot take it (the arrays stay in memory)."""
+        from .store.atomic import write_file
+
+        arrays = {**{key: np.asarray(value) for key, value in self.stamp.items()}, **self.arrays}
+        try:
+            self.file.parent.mkdir(exist_ok=True)
+            write_file(self.file, lambda tmp: _save(tmp, arrays))
+        except OSError:
+            pass
 
 
 class CurvedLayer:
@@ -128,17 +172,14 @@ class CurvedLayer:
     ``prepare`` / ``scores`` / ``rows`` / ``squared_norms`` calls, exact scans of every row
     (FAISS holds the plain unit rows, so it cannot search this inner product)."""
 
-    def __init__(self, view, moments: dict):
+    def __init__(self, view, moments: Moments, damping: float = DAMPING_SCALE):
         self.view, self.kind, self.dim, self.n = view, view.kind, view.dim, view.n
-        self.metrics = view.metrics
-        self.norms_of_rows = moments["norms"]
+        self.metrics, self.moments, self.damping = view.metrics, moments, damping
+        self.weights = damped_inverse(moments.second, moments.parts, damping)
         if view.kind == "tokens":
-            self.seen = moments["seen"]
-            self.weights = damped_inverse(moments["second"], [slice(None)])
-            damping = DAMPING_SCALE * moments["second"].mean() if moments["second"].size else 0.0
-            self.unseen = 1.0 / damping if damping > 0 else 0.0
-        else:
-            self.weights = damped_inverse(moments["second"], moments["parts"])
+            self.seen = moments.arrays["seen"]
+            floor = damping * moments.second.mean() if moments.second.size else 0.0
+            self.unseen = 1.0 / floor if floor > 0 else 0.0
 
     def searchable(self, metric: str) -> bool:
         return False
@@ -147,7 +188,8 @@ class CurvedLayer:
         return self.view.rows(ids)
 
     def norms(self) -> np.ndarray:
-        return self.norms_of_rows
+        """Each stored row's curvature norm ``|w^1/2 phi_i|`` (cached per damping)."""
+        return self.moments.norms(self)
 
     def _scaled(self, queries):
         """``w q``: dense rows times the weights; token rows times their (token, column)'s."""
@@ -161,10 +203,11 @@ class CurvedLayer:
     def token_weights(self, tokens: np.ndarray) -> np.ndarray:
         """(entries, k) weights of the given token ids; a token unseen in training: 1 / lambda."""
         tokens = np.asarray(tokens)
-        at = np.clip(np.searchsorted(self.seen, tokens), 0, max(len(self.seen) - 1, 0))
-        known = (at < len(self.seen)) & (self.seen[at] == tokens) if len(self.seen) else np.zeros(len(tokens), bool)
         out = np.full((len(tokens), self.weights.shape[1]), self.unseen)
-        out[known] = self.weights[at[known]]
+        if len(self.seen):
+            at = np.minimum(np.searchsorted(self.seen, tokens), len(self.seen) - 1)
+            known = self.seen[at] == tokens
+            out[known] = self.weights[at[known]]
         return out
 
     def prepare(self, queries, metric: str):
@@ -182,24 +225,26 @@ class CurvedLayer:
     def scores(self, prepared, metric: str) -> np.ndarray:
         scores = self.view.scores(prepared, "dot")
         if metric == "cosine":
-            scores = scores / np.where(self.norms_of_rows > 0, self.norms_of_rows, 1)[:, None]
+            norms = self.norms()
+            scores = scores / np.where(norms > 0, norms, 1)[:, None]
         return scores
 
     def squared_norms(self, metric: str) -> np.ndarray:
         """Self-influence under the curvature (dot), or 1 for every nonzero row (cosine)."""
-        return (self.norms_of_rows > 0).astype(np.float64) if metric == "cosine" else self.norms_of_rows ** 2
+        norms = self.norms()
+        return (norms > 0).astype(np.float64) if metric == "cosine" else norms ** 2
 
 
-def row_norms(view, moments: dict) -> np.ndarray:
-    """Each stored row's curvature norm ``|w^1/2 phi_i|``, once per layer."""
-    curved = CurvedLayer(view, {**moments, "norms": np.zeros(view.n)})
+def row_norms(view, curved: CurvedLayer) -> np.ndarray:
+    """Each stored row's ``|w^1/2 phi_i|``, a block of rows (or token entries) at a time."""
     if view.kind == "tokens":
         rows = view.stored
         squares = np.zeros(len(rows.tokens))
         step = CHUNK * 8
         for start in range(0, len(squares), step):
             values = np.asarray(rows.values[start:start + step], np.float64)
-            squares[start:start + step] = np.einsum("ij,ij->i", values * curved.token_weights(rows.tokens[start:start + step]), values)
+            weights = curved.token_weights(rows.tokens[start:start + step])
+            squares[start:start + step] = np.einsum("ij,ij->i", values * weights, values)
         return np.sqrt(np.bincount(np.repeat(np.arange(rows.n), np.diff(rows.indptr)), squares, rows.n))
     out = np.empty(view.n)
     for start in range(0, view.n, CHUNK):
@@ -208,53 +253,19 @@ def row_norms(view, moments: dict) -> np.ndarray:
     return out
 
 
-def compute_moments(store, layer: str, view) -> dict:
-    """Lambda (and, for token rows, the tokens it covers) and the rows' curvature norms."""
-    info = store.layer_info(layer)
-    if view.kind == "tokens":
-        seen, second = token_second_moment(view.stored, store.n)
-        moments = {"second": second, "seen": seen}
-    else:
-        moments = {"second": dense_second_moment(view, store.n), "parts": unit_slices(info)}
-    moments["norms"] = row_norms(view, moments)
-    return moments
-
-
 def cache_file(store, layer: str) -> Path:
     return Path(store.path) / CACHE_FOLDER / f"{layer}.npz"
 
 
 def _stamp(store) -> dict:
-    """What a cache must match: its format, N, the damping rule and the manifest's digest."""
+    """What a cache must match: its format, N and the manifest's digest."""
     from .store import MANIFEST
 
     try:
         digest = hashlib.sha256((Path(store.path) / MANIFEST).read_bytes()).hexdigest()
     except OSError:
         digest = ""
-    return {"version": CACHE_VERSION, "n": store.n, "damping_scale": DAMPING_SCALE, "manifest": digest}
-
-
-def cached_moments(store, layer: str, view) -> dict:
-    """The layer's moments from its cache file when it matches the index, else computed and
-    saved (atomically; skipped where the index folder is read-only)."""
-    stamp, file = _stamp(store), cache_file(store, layer)
-    loaded = _read_cache(file, stamp, view)
-    if loaded is not None:
-        if view.kind != "tokens":
-            loaded["parts"] = unit_slices(store.layer_info(layer))
-        return loaded
-    moments = compute_moments(store, layer, view)
-    arrays = {**{key: np.asarray(value) for key, value in stamp.items()},
-              **{key: value for key, value in moments.items() if key != "parts"}}
-    try:
-        from .store.atomic import write_file
-
-        file.parent.mkdir(exist_ok=True)
-        write_file(file, lambda tmp: _save(tmp, arrays))
-    except OSError:
-        pass  # a read-only index: the moments stay in memory
-    return moments
+    return {"version": CACHE_VERSION, "n": store.n, "manifest": digest}
 
 
 def _save(path: Path, arrays: dict) -> None:
@@ -263,19 +274,21 @@ def _save(path: Path, arrays: dict) -> None:
 
 
 def _read_cache(file: Path, stamp: dict, view) -> dict | None:
-    """The cached moments, or None when missing, damaged, stale or of the wrong shape."""
+    """The cached arrays, or None when missing, damaged, stale or of the wrong shape."""
     try:
         with np.load(file, allow_pickle=False) as data:
             if any(data[key].item() != value for key, value in stamp.items()):
                 return None
-            moments = {key: np.asarray(data[key]) for key in ("second", "norms", "seen") if key in data.files}
+            arrays = {key: np.asarray(data[key]) for key in data.files if key not in stamp}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    second, norms = moments.get("second"), moments.get("norms")
-    if norms is None or norms.shape != (view.n,) or second is None or not np.isfinite(second).all():
+    second = arrays.get("second")
+    if second is None or not np.isfinite(second).all():
+        return None
+    if any(key.startswith("norms@") and value.shape != (view.n,) for key, value in arrays.items()):
         return None
     if view.kind == "tokens":
-        ok = "seen" in moments and second.shape == (len(moments["seen"]), view.dim)
+        ok = "seen" in arrays and second.shape == (len(arrays["seen"]), view.dim)
     else:
         ok = second.shape == (view.dim,)
-    return moments if ok else None
+    return arrays if ok else None

@@ -167,10 +167,10 @@ def write_store(tmp_path, vectors, units):
     return IndexStore(writer.commit(manifest), manifest)
 
 
-def brute_curvature(vectors, queries, parts, metric):
-    """numpy: w = 1 / (mean v^2 + 0.1 mean over the unit), then dot or TrackStar cosine."""
+def brute_curvature(vectors, queries, parts, metric, damping=0.1):
+    """numpy: w = 1 / (mean v^2 + damping x its mean over the unit), then dot or TrackStar cosine."""
     second = (vectors.astype(np.float64) ** 2).mean(0)
-    w = np.concatenate([1 / (second[p] + 0.1 * second[p].mean()) for p in parts])
+    w = np.concatenate([1 / (second[p] + damping * second[p].mean()) for p in parts])
     if metric == "dot":
         return vectors @ (queries * w).T
     a, b = vectors * np.sqrt(w), queries * np.sqrt(w)
@@ -202,6 +202,14 @@ def test_curvature_ranks_by_the_rare_direction_where_gradients_rank_by_the_loud_
         prepared = layer_view(store, "layer", "curvature").prepare(query, metric)
         top = nearest(store, "layer", prepared, 1.0, 5, metric, "curvature")[0]
         assert list(top) == list(np.lexsort((np.arange(40), -curvature))[:5])
+        # --damping: its own brute-force weights; very large, the loud unit wins again
+        damped = layer_scores(store, {"layer": query}, ["layer"], metric, "curvature", 3.0)["layer"][:, 0]
+        np.testing.assert_allclose(damped, brute_curvature(vectors, query, parts, metric, 3.0)[:, 0], rtol=1e-5, atol=1e-9)
+    single = write_store(tmp_path / "single", vectors, [(2, 4)])  # one unit: a huge damping is the plain score, scaled
+    for metric in ("dot", "cosine"):
+        plain = layer_scores(single, {"layer": query}, ["layer"], metric)["layer"][:, 0]
+        flat = layer_scores(single, {"layer": query}, ["layer"], metric, "curvature", 1e9)["layer"][:, 0]
+        np.testing.assert_allclose(flat / np.abs(flat).max(), plain / np.abs(plain).max(), atol=1e-6)
 
 
 def test_random_projection_curvature_is_the_stored_vectors_diagonal_second_moment(bert_dir, train_tsv, tmp_path):
@@ -238,8 +246,9 @@ def test_the_cache_is_written_once_reused_and_recomputed_when_stale_or_damaged(f
     first = curvature.layer_view(store, "block0", "curvature")
     cache = copy / "curvature" / "block0.npz"
     assert cache.is_file() and not (copy / "curvature" / "block1.npz").exists()  # one layer at a time
+    assert len(first.norms()) == 12  # cosine's row norms join the file
     with np.load(cache) as data:
-        assert int(data["n"]) == len(first.norms()) == 12
+        assert int(data["n"]) == 12 and data["norms@0.1"].shape == (12,)
         np.testing.assert_allclose(data["second"], (dense_rows(store, "block0", metric="dot") ** 2).mean(0), rtol=1e-6)
     stamp = cache.stat().st_mtime_ns
     again = curvature.layer_view(IndexStore.open(copy), "block0", "curvature")
@@ -275,3 +284,5 @@ def test_bad_scores_are_one_line(full_width, capsys, tmp_path):
         layer_scores(old, {"block0": np.zeros((1, 1088), np.float32)}, ["block0"], "cosine", "curvature")
     with pytest.raises(UserError, match="unknown score"):
         index.audit(tmp_path / "none.tsv", score="exact")
+    code, out, err = run_cli(capsys, "query", index.path, "--id", "0", "--score", "curvature", "--damping", "0")
+    assert code == 1 and err.strip() == "error: --damping must be positive, got 0.0"
