@@ -284,5 +284,10 @@ def test_bad_scores_are_one_line(full_width, capsys, tmp_path):
         layer_scores(old, {"block0": np.zeros((1, 1088), np.float32)}, ["block0"], "cosine", "curvature")
     with pytest.raises(UserError, match="unknown score"):
         index.audit(tmp_path / "none.tsv", score="exact")
+    queries = tmp_path / "queries.tsv"
+    queries.write_text("sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in QUERIES))
+    code, out, err = run_cli(capsys, "audit", index.path, queries, "--score", "curvature", "--damping", "2", "--json")
+    audit = json.loads(out)
+    assert code == 0 and audit["score"] == "curvature" and any("damping 2" in note for note in audit["notes"])
     code, out, err = run_cli(capsys, "query", index.path, "--id", "0", "--score", "curvature", "--damping", "0")
     assert code == 1 and err.strip() == "error: --damping must be positive, got 0.0"
