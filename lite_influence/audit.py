@@ -30,6 +30,7 @@ from .config import truthy
 from .data import write_rows
 from .errors import UserError
 from .chance import check_chance
+from .curvature import layer_view
 from .lookup import nearest
 
 
@@ -50,6 +51,7 @@ class AuditResult:
     notes: list[str] = field(default_factory=list)
     warning: str | None = None  # the model is at chance on the queries (chance.py)
     metric: str = "cosine"  # what the influence rows compared
+    score: str = "gradient"  # and how (curvature.py)
 
     @property
     def ranking(self) -> np.ndarray:
@@ -67,7 +69,7 @@ class AuditResult:
                 "n_noisy": None if self.noisy is None else int(self.noisy.sum()),
                 "levels": list(self.levels), "table": self.table, "baselines": self.baselines,
                 "cancellation": self.cancellation, "notes": self.notes,
-                "warning": self.warning}
+                "warning": self.warning, "score": self.score}
 
     def saved(self, examples: list[dict], top: int = 200, points: int = 200) -> dict:
         """What ``audit --save`` keeps beside the index for the server's page: the table and
@@ -159,10 +161,12 @@ def run_audit(index, queries, config, progress) -> AuditResult:
     per_layer, cancellation = {}, {}
     for number, layer in enumerate(layers):
         per_layer[layer], cancellation[layer] = _layer_sums(index, layer, grads.vectors[layer], subsets, aggs,
-                                                            config.vote_p, metric)
+                                                            config.vote_p, metric, (config.score, config.damping))
         progress("layers", number + 1, len(layers))
     result = AuditResult(len(index), len(examples), int(grads.correct.sum()), noisy, levels,
-                         cancellation=cancellation, metric=metric)
+                         cancellation=cancellation, metric=metric, score=config.score)
+    if config.score == "curvature":
+        result.notes.append(f"score: curvature (damping {config.damping:g} x the mean curvature per weight matrix)")
     result.warning = chance_warning(grads)
     if result.warning:
         result.notes.insert(0, result.warning)
@@ -230,15 +234,16 @@ def _ranked(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, values[ids]
 
 
-def _layer_sums(index, layer, vectors, subsets, aggs, vote_p, metric):
+def _layer_sums(index, layer, vectors, subsets, aggs, vote_p, metric, scoring=("gradient", 0.1)):
     """Per query subset and aggregation, this layer's lists combined over queries, in a form
-    that adds up over layers: mean score sum, mean-rank sum, vote sum."""
-    view = index.store.layer(layer)
+    that adds up over layers: mean score sum, mean-rank sum, vote sum. ``scoring``: (score,
+    damping), as curvature.layer_view takes them."""
+    view = layer_view(index.store, layer, *scoring)
     queries = view.prepare(vectors, metric)
     need_full = "mean" in aggs or "rank" in aggs
     full = view.scores(queries, metric).T if need_full else None  # (Q, N)
     if "vote" in aggs:
-        neighbours = nearest(index.store, layer, queries, -1.0, vote_depth(len(index), vote_p), metric)
+        neighbours = nearest(index.store, layer, queries, -1.0, vote_depth(len(index), vote_p), metric, *scoring)
     sums = {}
     for subset, mask in subsets.items():
         rows = np.flatnonzero(mask)

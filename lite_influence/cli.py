@@ -232,7 +232,8 @@ def _ask_server(index_dir: Path, *, text, pair, label, completion, config: Query
     from .client import remote_query
 
     request = {"text": text, "pair": pair, "label": label, "completion": completion,
-               "k": config.k, "layers": config.layers, "agg": config.agg, "metric": config.metric}
+               "k": config.k, "layers": config.layers, "agg": config.agg, "metric": config.metric,
+               **({"score": config.score, "damping": config.damping} if config.score != "gradient" else {})}
     return remote_query(index_dir, {key: value for key, value in request.items() if value is not None})
 
 

@@ -120,10 +120,30 @@ def _check_metric(metric: str | None) -> None:
 
 
 AGGREGATIONS = ("mean", "rank", "vote")  # aggregate.py's names; kept here so config stays light
+SCORES = ("gradient", "curvature")  # curvature.py's; kept here for the same reason
+
+
+def check_score(score: str) -> str:
+    if score not in SCORES:
+        raise UserError(f"unknown score '{score}'; use one of {', '.join(SCORES)}")
+    return score
 
 
 @dataclass
-class QueryConfig(Columns):
+class Scoring(Options):
+    """How query and audit compare gradients beyond the metric (curvature.py)."""
+
+    score: str = option("gradient", "gradient (plain gradient similarity: TracIn, the paper's score) or curvature (influence functions: divided by EK-FAC's damped curvature in the stored eigenbasis, from the stored vectors; README, Curvature).")
+    damping: float = option(0.1, "--score curvature: lambda = this x the mean curvature of each weight matrix (Kronfluence's heuristic: 0.1); larger moves towards the gradient score.")
+
+    def check_scoring(self) -> None:
+        check_score(self.score)
+        if not self.damping > 0:
+            raise UserError(f"--damping must be positive, got {self.damping}")
+
+
+@dataclass
+class QueryConfig(Scoring, Columns):
     """Options of ``lite-influence query``. The columns are those of ``--file``; a file's labels
     are explained only when ``--label-col`` names their column, else the model's predictions
     (what "why did it say this?" asks)."""
@@ -138,6 +158,7 @@ class QueryConfig(Columns):
     max_new_tokens: int = option(20, "Causal LM without --completion: explain the model's greedy continuation of up to this many tokens (it stops at end-of-text).")
 
     def validate(self):
+        self.check_scoring()
         if self.agg not in AGGREGATIONS:
             raise UserError(f"unknown aggregation '{self.agg}'; use one of {', '.join(AGGREGATIONS)}")
         if self.k < 1:
@@ -150,7 +171,7 @@ class QueryConfig(Columns):
 
 
 @dataclass
-class AuditConfig(Columns):
+class AuditConfig(Scoring, Columns):
     """Options of ``lite-influence audit`` (the columns are the query file's)."""
 
     layers: str = option("each,groups", "What to score: 'each' (every layer alone), 'groups' (embeddings, early, middle, late, head, all), or layer/group names; comma-separated.")
@@ -184,6 +205,7 @@ class AuditConfig(Columns):
     def validate(self):
         self.level_fractions, self.agg_list
         _check_metric(self.metric)
+        self.check_scoring()
         if not 0 < self.vote_p <= 1:
             raise UserError(f"--vote-p must be in (0, 1], got {self.vote_p}")
         _at_least(self, ("batch_size",), 1)
