@@ -219,7 +219,7 @@ def sources(units, covariances, args) -> dict[str, dict[str, object]]:
     from lite_influence.config import BuildConfig
     from lite_influence.projection import fitted_projector, keeps_tokens, token_projector
 
-    d = BuildConfig()
+    d = BuildConfig().validate()
 
     def default(u):  # as build.py makes it; the exact token side scored by the identity
         if keeps_tokens(u, d.token_dim):
@@ -463,7 +463,7 @@ run again its new sources added (or replacing the old ones of the same name)."""
         fresh = new.pop(setup_name(r["setup"]), None)
         if fresh is not None:  # the same setup: this run's sources replace or join the old ones
             for metric in fresh["share"]:
-                r["share"][metric] = {**r["share"][metric], **fresh["share"][metric]}
+                r["share"][metric] = {**r["share"].get(metric, {}), **fresh["share"][metric]}
             r["dims"] = {**r["dims"], **fresh["dims"]}
             r.update({k: fresh[k] for k in ("asr", "clean_accuracy", "checks", "seconds")})
         out.append(r)

@@ -75,15 +75,20 @@ class ModelOptions(Options):
     num_labels: int | None = option(None, "Classes of a newly initialised head, when the model folder has none (default 2).")
 
 
+# (output-side dims, input-side dims) of a projection when --proj-dim is not given: mixed at
+# 64 x 4 (benchmarks/results/projection_candidates_asymmetric.md, planted_backdoor.md)
+PROJECTION_SIZES = {"mixed": (4, 64)}
+
+
 @dataclass
 class BuildConfig(ModelOptions, Columns):
     """Options of ``lite-influence build``."""
 
     layers: str = option("attention", "Which units to index: attention (embeddings, attention linears, head), mlp, all, a group (early, middle, late, embeddings, head), a layer (block3) or a regex over module names; comma-separated.")
     granularity: str = option("layer", "One index per transformer block ('layer') or per weight matrix ('unit').")
-    projection: str = option("pca", "pca: fitted Kronecker eigenbasis (best average fidelity); mixed: seeded random input side, eigenbasis output side (finds more planted causes; use with --proj-dim-in 64 --proj-dim 4); hybrid: input side half eigenbasis, half an unbiased sketch of the rest; random: seeded Gaussian (needs no fitting pass). README, Projection.")
-    proj_dim: int = option(8, "Dims kept per side of each weight matrix; a unit stores proj_dim^2 numbers (a BERT block of 4 attention matrices: 4 x 64 = 256).")
-    proj_dim_in: int | None = option(None, "Dims kept on each weight matrix's input (activation) side when it differs from --proj-dim, which then sizes the output (gradient) side: e.g. --projection mixed --proj-dim-in 64 --proj-dim 4.")
+    projection: str = option("mixed", "mixed: a seeded random input side and the eigenbasis output side (finds planted rare causes about as a 16x16 random projection does, at the fidelity of the eigenbasis; README, Projection); pca: fitted Kronecker eigenbasis on both sides (best average fidelity and exact EK-FAC for --score curvature, but it drops rare causes); hybrid: input side half eigenbasis, half an unbiased sketch of the rest; random: seeded Gaussian (needs no fitting pass).")
+    proj_dim: int | None = option(None, "Dims kept per side of each weight matrix (a unit stores k_in x k_out numbers); default: the projection's own size, 4 output x 64 input dims for mixed (a BERT block of 4 attention matrices: 1,024), 8 x 8 for the others (256).")
+    proj_dim_in: int | None = option(None, "Dims kept on each weight matrix's input (activation) side when it differs from --proj-dim, which then sizes the output (gradient) side (mixed: 64 unless --proj-dim is given).")
     token_dim: int = option(64, "Word embeddings: their token side is kept exactly (sparse rows: each example keeps this many numbers per distinct token, so a rare token is never mixed with others); 0 projects them like any unit (--proj-dim per side).")
     exact_max: int = option(1024, "A weight matrix with one side no wider than --proj-dim and at most this many numbers is stored exactly, not projected (a 2-class head of a 384-wide model: 770 numbers); 0 projects everything.")
     fit_examples: int = option(256, "Training examples used to fit the pca eigenbasis (one extra forward/backward pass over them).")
@@ -103,6 +108,9 @@ class BuildConfig(ModelOptions, Columns):
             raise UserError(f"unknown projection '{self.projection}'; use one of {', '.join(PROJECTIONS)}")
         if self.metric not in METRICS:
             raise UserError(f"unknown metric '{self.metric}'; use one of {', '.join(METRICS)}")
+        if self.proj_dim is None:  # the projection's own size (recorded resolved in the manifest)
+            self.proj_dim, default_in = PROJECTION_SIZES.get(self.projection, (8, None))
+            self.proj_dim_in = default_in if self.proj_dim_in is None else self.proj_dim_in
         _at_least(self, ("proj_dim", "batch_size", "max_length", "fit_examples"), 1)
         _at_least(self, ("exact_max", "seed", "token_dim"), 0)
         _at_least(self, ("limit", "num_labels", "proj_dim_in"), 1, optional=True)

@@ -119,3 +119,6 @@ def test_stored_exact_norms_are_the_full_gradients_norms(bert_dir, train_tsv, tm
         sketch = np.linalg.norm(small.store.layer(layer).vectors(None, "dot").astype(np.float64), axis=1)
         if small.store.layer_info(layer)["dim"] < whole.store.layer_info(layer)["dim"]:  # not stored whole
             assert not np.allclose(sketch, full, rtol=0.05)  # the sketch's own norms are not these
+        # what `info` shows as "kept": the median share of the squared norm the sketch keeps
+        assert small.store.layer(layer).kept_share() == pytest.approx(np.median((sketch / full) ** 2), rel=1e-4)
+        assert whole.store.layer(layer).kept_share() == pytest.approx(1.0, rel=1e-4)

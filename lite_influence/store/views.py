@@ -62,6 +62,17 @@ class ExactNorms:
         self.stored = bool(info.get("exact_norms"))
         self._values = None
 
+    def kept_share(self, sketch_norms, sample: int = 2000) -> float | None:
+        """The median share of an example's squared gradient norm that the stored sketch keeps
+        (over up to ``sample`` evenly spaced examples; ``sketch_norms(ids)`` gives theirs): a
+        layer kept at 0.05 is judged on a twentieth of its gradient, which ``info`` shows."""
+        exact = self.values()
+        if exact is None or not self.n:
+            return None
+        ids = np.unique(np.linspace(0, self.n - 1, min(sample, self.n)).astype(np.int64))
+        ids = ids[exact[ids] > 0]
+        return float(np.median((sketch_norms(ids) / exact[ids]) ** 2)) if ids.size else None
+
     def values(self) -> np.ndarray | None:
         if self.stored and self._values is None:
             try:
@@ -157,6 +168,9 @@ class DenseLayer:
     def squared_norms(self, metric: str) -> np.ndarray:
         return (self.norms() > 0).astype(np.float64) if metric == "cosine" else self.norms() ** 2
 
+    def kept_share(self) -> float | None:
+        return None if self.holds == "unit" else self.exact.kept_share(lambda ids: self.norms()[ids])
+
 
 class TokenLayer:
     """The embeddings' exact token rows, stored raw: cosine divides by the norms."""
@@ -223,6 +237,9 @@ class TokenLayer:
 
     def squared_norms(self, metric: str) -> np.ndarray:
         return (self.norms() > 0).astype(np.float64) if metric == "cosine" else finite(self.norms() ** 2, self.folder)
+
+    def kept_share(self) -> float | None:
+        return self.exact.kept_share(lambda ids: self.rows(ids).norms())
 
 
 def layer_view(root: Path, info: dict, n: int, holds: str):
