@@ -159,7 +159,8 @@ def info(
         summary.add_row(f"[bold]{key}[/]", shown(str(value)))
     console.print(summary)
     table = Table("layer", "units", "dim", "kept", "file size", title="layers",
-                  caption="kept: median share of an example's squared gradient norm that the stored sketch keeps")
+                  caption="kept: median ratio of an example's squared gradient norm in the stored sketch to the "
+                          "exact one (an eigenbasis keeps a share, at most 1; a random side keeps 1 on average)")
     for layer in m["layers"]:
         size = sum(v for f, v in sizes.items() if f == f"layers/{layer['name']}.faiss"
                    or f.startswith(f"layers/{layer['name']}.tokens/"))
