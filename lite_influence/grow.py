@@ -8,7 +8,9 @@ beside the old one and swap it in (a kill leaves the old index or the new one, n
 both hold the index's build lock throughout, and both append what they did to the manifest's
 ``history`` (an added file's path, data fingerprint and rows; a deletion's selector and
 count). The result is the index a fresh build over the same rows with the same projection
-gives: row for row the same stored numbers, ids renumbered to row numbers (a deletion
+gives: row for row the same stored numbers (bit for bit where the batches are the same, as
+with ``--batch-size 1``; else to float32 rounding, since a fresh build pads an example with
+other neighbours), ids renumbered to row numbers (a deletion
 shifts the rows after it down; ``input_id`` keeps an input's own ids). A saved audit
 (``audit --save``) is not carried over: it describes the old rows.
 """
