@@ -85,3 +85,28 @@ def test_a_shard_with_no_batch_is_refused(bert_dir, train_tsv, tmp_path, capsys)
     assert code == 1 and "only 3 batches" in error
     code, _, error = run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "s", "--shard", "2/2")
     assert code == 1 and "--shard must be i/n" in error
+
+
+def test_an_interrupted_shard_resumes_alone(bert_dir, train_tsv, tmp_path):
+    """A shard stopped mid-pass continues with --resume (its own partial folder), and ends as
+    the shard an uninterrupted run gives; the other shard is not touched."""
+    from lite_influence import build_index
+
+    options = dict(projection="random", proj_dim=2, batch_size=2, shard="1/2")
+    other = build_index(bert_dir, train_tsv, tmp_path / "s0", **{**options, "shard": "0/2"})
+    before = (other.path / "manifest.json").stat().st_mtime_ns
+    whole = build_index(bert_dir, train_tsv, tmp_path / "whole", **options)
+
+    def stop(stage, done, total):
+        if stage == "gradients" and done >= 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_index(bert_dir, train_tsv, tmp_path / "s1", progress=stop, **options)
+    assert (tmp_path / ".s1.partial").is_dir() and not (tmp_path / "s1").exists()
+    passes = []
+    build_index(bert_dir, train_tsv, tmp_path / "s1", resume=True, **options,
+                progress=lambda stage, done, total: passes.append(done) if stage == "gradients" else None)
+    assert passes and min(passes) > 2  # it went on from where it stopped
+    same_files(whole.path, tmp_path / "s1")
+    assert (other.path / "manifest.json").stat().st_mtime_ns == before
