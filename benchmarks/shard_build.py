@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"
+SST2 = next((p for p in (REPO.parent / "shared", REPO.parents[1] / "shared") if p.is_dir()),
+            REPO.parent / "shared") / "data" / "sst2" / "train.tsv"  # shared/ beside the checkout or the worktrees
 
 
 def run(command: list[str], threads: int) -> dict:
