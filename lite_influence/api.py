@@ -191,9 +191,10 @@ class InfluenceIndex:
         k = min(config.k, len(self))
         metric = self.store.check_metric(config.metric)
         result = {"query": queries[0], "queries": queries, "prediction": queries[0]["prediction"],
-                  "agg": config.agg, "metric": metric, "layers": layers, "k": k,
+                  "agg": config.agg, "metric": metric, "score": config.score,
+                  **({"damping": config.damping} if config.score == "curvature" else {}), "layers": layers, "k": k,
                   "k_clamped": config.k > len(self), "warning": warning}
-        scores = layer_scores(self.store, vectors, layers, metric)
+        scores = layer_scores(self.store, vectors, layers, metric, config.score, config.damping)
         for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
             result[side] = ranked_rows(self.store, self.store.table, scores, layers, sign, k, config.agg, config.vote_p)
         return result

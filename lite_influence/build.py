@@ -117,6 +117,8 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
     matrices = {name: writer.token_file(name, counts, dims[name]) if name in tokens else
                 writer.vector_file(name, len(rows), dims[name]) for name in layers}
     matrices[LOSS] = writer.loss_file(len(rows))
+    exact = exact_norm_layers(layers)
+    matrices.update({(NORMS, name): writer.exact_norms_file(name, len(rows)) for name in exact})
     ordered = [projectors[u.name] for u in units]
     started = time.perf_counter()
     _gradient_pass(loaded, ordered, layers, encodings, labels, batches, done, matrices,
@@ -140,6 +142,21 @@ def token_layers(layers: dict, projectors: dict) -> set[str]:
 
 
 LOSS = object()  # the key of the per-example loss column among the layers' matrices
+NORMS = "exact norms"  # (NORMS, layer): the key of a layer's exact gradient norms among the matrices
+
+
+def exact_norm_layers(layers: dict) -> list[str]:
+    """Layers whose exact gradient norms the hooks compute: all but a tied embeddings'
+    (``gradients.ProjectedGradients``)."""
+    return [name for name, units in layers.items() if not any(u.tied for u in units)]
+
+
+def _batch_values(name, vectors, losses, squares):
+    if name is LOSS:
+        return losses
+    if isinstance(name, tuple):
+        return np.sqrt(squares[name[1]])
+    return vectors[name]
 
 
 def _read(kind, train_file: Path, config: BuildConfig):
@@ -179,9 +196,10 @@ def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done,
 
     try:
         for number in range(done, len(batches)):
-            vectors, losses, _ = layer_vectors(loaded, projectors, layers, encodings, labels, batches[number])
+            vectors, losses, _, squares = layer_vectors(loaded, projectors, layers, encodings, labels,
+                                                        batches[number])
             for name, matrix in matrices.items():
-                matrix[batches[number]] = losses if name is LOSS else vectors[name]
+                matrix[batches[number]] = _batch_values(name, vectors, losses, squares)
             completed = number + 1
             if time.perf_counter() - saved_at >= every or completed == len(batches):
                 checkpoint()
@@ -253,6 +271,7 @@ def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims,
         "layers": [
             {"name": name, "dim": dims[name], "block": layer_blocks[name],
              **({"kind": "tokens", "entries": entries[name]} if name in entries else {}),
+             **({"exact_norms": True} if name in exact_norm_layers(layers) else {}),
              "units": [{"name": u.name, "kind": u.kind, "role": u.role, "params": list(u.params),
                         "in_dim": u.in_dim, "out_dim": u.out_dim,
                         "k_in": projectors[u.name].inp.k, "k_out": projectors[u.name].out.k}

@@ -159,13 +159,16 @@ def info(
                        ("data", m["data"]["path"]), ("size", render.human(sum(sizes.values())))):
         summary.add_row(f"[bold]{key}[/]", shown(str(value)))
     console.print(summary)
-    table = Table("layer", "units", "dim", "file size", title="layers")
+    table = Table("layer", "units", "dim", "kept", "file size", title="layers",
+                  caption="kept: median share of an example's squared gradient norm that the stored sketch keeps")
     for layer in m["layers"]:
         size = sum(v for f, v in sizes.items() if f == f"layers/{layer['name']}.faiss"
                    or f.startswith(f"layers/{layer['name']}.tokens/"))
         dim = str(layer["dim"]) if layer.get("kind") != "tokens" else \
             f"{layer['dim']} per token ({layer['entries'] / m['n']:.1f} tokens each)"
-        table.add_row(layer["name"], str(len(layer["units"])), dim, render.human(size))
+        kept = store.layer(layer["name"]).kept_share()
+        table.add_row(layer["name"], str(len(layer["units"])), dim, "-" if kept is None else f"{kept:.2f}",
+                      render.human(size))
     console.print(table)
     console.print("groups: " + "; ".join(f"{g}: {', '.join(ls)}" for g, ls in m["groups"].items()))
 
@@ -233,7 +236,8 @@ def _ask_server(index_dir: Path, *, text, pair, label, completion, config: Query
     from .client import remote_query
 
     request = {"text": text, "pair": pair, "label": label, "completion": completion,
-               "k": config.k, "layers": config.layers, "agg": config.agg, "metric": config.metric}
+               "k": config.k, "layers": config.layers, "agg": config.agg, "metric": config.metric,
+               **({"score": config.score, "damping": config.damping} if config.score != "gradient" else {})}
     return remote_query(index_dir, {key: value for key, value in request.items() if value is not None})
 
 

@@ -121,30 +121,68 @@ def _leaf_output(module, inputs, output):
     return output.detach().requires_grad_(True)
 
 
+def exact_squared_norms(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """||G||^2 = ||sum_t delta_t x_t^T||^2 per example (float64), from the two sides the hooks
+    already hold: sum_{t,s} (delta_t . delta_s)(x_t . x_s) when tokens are few (no G formed),
+    else through G, whichever costs less. ``x`` is (batch, tokens, in) features, or (batch,
+    tokens) token ids for the word embeddings (then x_t . x_s is [id_t == id_s]); padding
+    positions must be zero in ``delta``."""
+    delta = delta.double()
+    tokens = delta.shape[1]
+    if x.dim() == 2:  # one-hot token rows: only equal tokens meet
+        same = (x[:, :, None] == x[:, None, :]).double()
+        return (same * torch.einsum("bto,bso->bts", delta, delta)).sum((1, 2))
+    x = x.double()
+    if tokens * (x.shape[-1] + delta.shape[-1]) <= x.shape[-1] * delta.shape[-1]:
+        return (torch.einsum("bti,bsi->bts", x, x) * torch.einsum("bto,bso->bts", delta, delta)).sum((1, 2))
+    return torch.einsum("bto,bti->boi", delta, x).square().sum((1, 2))
+
+
 class ProjectedGradients(_Hooks):
     """Context manager: run ``forward`` + ``backward`` of a summed loss inside it, then read
-    ``vectors()``: for each unit, a (batch, k_out * k_in) float32 tensor."""
+    ``vectors()``: for each unit, a (batch, k_out * k_in) float32 tensor; and
+    ``squared_norms()``: each example's exact ||G||^2 per unit (the full gradient's, which no
+    sketch keeps: cosine and self-influence need it exactly, DESIGN.md "What a sketch must
+    keep"), or None for a tied embeddings unit, whose second use (the LM head, over the whole
+    vocabulary) would cost a vocabulary-wide Gram per token pair."""
 
     def __init__(self, model: nn.Module, projectors: list[UnitProjector]):
         super().__init__(model, [p.unit for p in projectors])
         self.projectors = {p.unit.name: p for p in projectors}
         self._phi: dict[str, torch.Tensor] = {}
+        self._sq: dict[str, torch.Tensor | None] = {}
+
+    def _exact_input(self, unit: Unit, x: torch.Tensor) -> torch.Tensor:
+        """The side x_t of G as the unit sees it: token ids (embeddings), else the features
+        with the bias's constant 1, padding zeroed."""
+        if unit.kind == "embedding":
+            return x
+        if unit.has_bias:
+            x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], -1)
+        return self._masked(x.float())
+
+    def _record_norms(self, unit: Unit, x: torch.Tensor, delta: torch.Tensor) -> None:
+        if unit.name not in self._sq:  # a tied unit's second use has marked it None already
+            self._sq[unit.name] = exact_squared_norms(x, delta)
 
     def on_unit(self, unit, x, output_hook):
         projector = self.projectors[unit.name]
+        exact_x = self._exact_input(unit, x)
         if projector.tokens_exact:
-            return self._token_rows(unit, projector, x, output_hook)
+            return self._token_rows(unit, projector, x, exact_x, output_hook)
         a = self._masked(projector.project_input(x if unit.kind == "embedding" else x.float()))
 
         def backward(delta):
-            b = projector.project_output(self._masked(delta.float()))
+            delta = self._masked(delta.float())
+            self._record_norms(unit, exact_x, delta)
+            b = projector.project_output(delta)
             phi = torch.einsum("bto,bti->boi", b, a).reshape(b.shape[0], -1)
             previous = self._phi.get(unit.name)
             self._phi[unit.name] = phi if previous is None else previous + phi
 
         output_hook(backward)
 
-    def _token_rows(self, unit, projector, token_ids, output_hook):
+    def _token_rows(self, unit, projector, token_ids, exact_x, output_hook):
         """The embeddings' exact token side: per example, each distinct token's summed
         projected output gradient (``store.token_rows``), instead of a dense vector."""
         from .store.token_rows import TokenRows
@@ -152,6 +190,7 @@ class ProjectedGradients(_Hooks):
         mask = self.mask if self.mask is not None else torch.ones_like(token_ids, dtype=torch.bool)
 
         def backward(delta):
+            self._record_norms(unit, exact_x, self._masked(delta.float()))
             b = projector.project_output(delta.float()).detach()
             rows = [(token_ids[i][mask[i]].numpy(), b[i][mask[i]].numpy()) for i in range(b.shape[0])]
             self._phi[unit.name] = TokenRows.from_lists(rows, b.shape[-1])
@@ -160,6 +199,7 @@ class ProjectedGradients(_Hooks):
 
     def on_tied_head(self, unit, hidden, logits_hook):
         projector = self.projectors[unit.name]
+        self._sq[unit.name] = None  # see the class docstring
         b = self._masked(projector.out.apply(hidden.float()))  # (batch, tokens, k_out)
 
         def backward(grad_logits):
@@ -177,9 +217,13 @@ class ProjectedGradients(_Hooks):
         phi, self._phi = self._phi, {}
         return phi
 
+    def squared_norms(self) -> dict[str, torch.Tensor | None]:
+        sq, self._sq = self._sq, {}
+        return sq
+
     def __exit__(self, *exc):
         super().__exit__(*exc)
-        self._phi = {}
+        self._phi, self._sq = {}, {}
 
 
 class CovarianceCollector(_Hooks):
@@ -258,8 +302,9 @@ def _targets(labels, batch) -> torch.Tensor | None:
 def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, list[Unit]],
                   encodings: list[dict], labels: list[int] | None, batch: list[int]):
     """One batch's per-layer vectors (units concatenated in layer order; the embeddings'
-    exact token rows as a ``TokenRows`` of the batch), losses and logits
-    (for a causal LM, per example: completion tokens and teacher-forced argmax hits).
+    exact token rows as a ``TokenRows`` of the batch), losses, logits (for a causal LM, per
+    example: completion tokens and teacher-forced argmax hits) and exact squared gradient
+    norms per layer (float64; None for a layer with a tied embeddings unit).
 
     Concatenating a layer's unit vectors makes the layer's inner product the sum of its
     units' inner products, which is that layer's influence. ``labels`` None: the encodings
@@ -274,10 +319,12 @@ def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, lis
         capture.mask = inputs["attention_mask"].bool()
         losses, logits = example_losses(loaded, inputs, targets)
         losses.sum().backward()
-        phi = capture.vectors()
+        phi, sq = capture.vectors(), capture.squared_norms()
     vectors = {name: phi[units[0].name] if _is_tokens(phi[units[0].name]) else
                torch.cat([phi[u.name] for u in units], 1).numpy() for name, units in layers.items()}
-    return vectors, losses.detach().numpy(), output_summary(loaded, inputs, logits)
+    squares = {name: None if any(sq.get(u.name) is None for u in units) else
+               sum(sq[u.name] for u in units).numpy() for name, units in layers.items()}
+    return vectors, losses.detach().numpy(), output_summary(loaded, inputs, logits), squares
 
 
 def _is_tokens(phi) -> bool:

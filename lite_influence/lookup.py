@@ -15,16 +15,19 @@ from __future__ import annotations
 import numpy as np
 
 from .aggregate import aggregate
+from .curvature import DAMPING_SCALE, layer_view
 
 
-def nearest(store, layer: str, queries, sign: float, depth: int, metric: str) -> list[np.ndarray]:
+def nearest(store, layer: str, queries, sign: float, depth: int, metric: str,
+            score: str = "gradient", damping: float = DAMPING_SCALE) -> list[np.ndarray]:
     """Per query, the ids of the ``depth`` examples of highest ``sign`` * influence, in
-    exact order. ``queries`` are prepared (``store.layer(layer).prepare``) for ``metric``."""
+    exact order. ``queries`` are prepared (``layer_view(store, layer, score).prepare``) for
+    ``metric``."""
     from .aggregate import top_order
 
     n = store.n
     depth = min(depth, n)
-    view = store.layer(layer)
+    view = layer_view(store, layer, score, damping)
     if not view.searchable(metric):  # token rows, or dot on unit rows: exact scores of all
         full = sign * view.scores(queries, metric)
         return [top_order(full[:, q], depth) for q in range(full.shape[1])]
@@ -39,18 +42,20 @@ def nearest(store, layer: str, queries, sign: float, depth: int, metric: str) ->
 
 
 def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: float, k: int,
-           agg: str, vote_p: float = 0.2, metric: str | None = None) -> list[dict]:
+           agg: str, vote_p: float = 0.2, metric: str | None = None, score: str = "gradient",
+           damping: float = DAMPING_SCALE) -> list[dict]:
     """Top-k rows (proponents: sign 1, opponents: -1) of the queries ``vectors`` (raw, layer
     -> (queries, dim), or token rows) over ``layers``, combined by ``agg``, compared by
-    ``metric`` (default: the index's); see ``InfluenceIndex.query``."""
-    scores = layer_scores(store, vectors, layers, store.check_metric(metric))
+    ``metric`` (default: the index's) and ``score`` (curvature.py); see ``InfluenceIndex.query``."""
+    scores = layer_scores(store, vectors, layers, store.check_metric(metric), score, damping)
     return ranked_rows(store, examples, scores, layers, sign, k, agg, vote_p)
 
 
-def layer_scores(store, vectors: dict, layers: list[str], metric: str) -> dict[str, np.ndarray]:
+def layer_scores(store, vectors: dict, layers: list[str], metric: str,
+                 score: str = "gradient", damping: float = DAMPING_SCALE) -> dict[str, np.ndarray]:
     """Every stored example's exact influence on each query: layer -> (N, queries) float64,
     computed once for both the proponents and the opponents."""
-    views = {layer: store.layer(layer) for layer in layers}
+    views = {layer: layer_view(store, layer, score, damping) for layer in layers}
     return {layer: view.scores(view.prepare(vectors[layer], metric), metric) for layer, view in views.items()}
 
 

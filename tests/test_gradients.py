@@ -147,6 +147,39 @@ def test_exact_token_rows_equal_the_embedding_gradient_rows(k):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_exact_norms_equal_autograd_gradient_norms_at_any_projection_size(arch):
+    """||G||^2 per example and unit is exact whatever the sketch keeps (k = 2 here), for
+    every unit kind (embeddings by token equality, a head that sees one vector, biased and
+    unbiased linears); GPT-2's tied embeddings have none (their second use is not counted)."""
+    model = tiny_classifier(arch)
+    batch, labels = random_batch(batch=5)
+    units = discover_units(model)
+    exact = exact_gradients(model, batch, labels, units)
+    with frozen(model), ProjectedGradients(model, [random_projector(u, 2, 0) for u in units]) as capture:
+        capture.mask = batch["attention_mask"].bool()
+        F.cross_entropy(model(**batch).logits, labels, reduction="sum").backward()
+        squares = capture.squared_norms()
+    for unit in units:
+        if unit.tied:
+            assert squares[unit.name] is None
+            continue
+        expected = exact[unit.name].double().flatten(1).square().sum(1)
+        torch.testing.assert_close(squares[unit.name], expected, rtol=1e-6, atol=1e-12)
+
+
+def test_exact_norms_take_either_route_to_the_same_value():
+    """The token-pair Gram route (few tokens) and the materialised-G route (many) agree."""
+    from lite_influence.gradients import exact_squared_norms
+
+    g = torch.Generator().manual_seed(0)
+    x, delta = torch.randn(3, 40, 4, generator=g), torch.randn(3, 40, 5, generator=g)  # 40 tokens: through G
+    few_x, few_delta = x[:, :2], delta[:, :2]  # 2 tokens: through the Grams
+    for xs, ds in ((x, delta), (few_x, few_delta)):
+        reference = torch.einsum("bto,bti->boi", ds.double(), xs.double()).square().sum((1, 2))
+        torch.testing.assert_close(exact_squared_norms(xs, ds), reference)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_backward_stops_at_the_lowest_indexed_unit(arch):
     """--layers late,head: the vectors are the exact gradients (full width), and no gradient is
     computed below the late blocks: nothing under them requires grad, so autograd never runs

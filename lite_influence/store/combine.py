@@ -76,6 +76,8 @@ def combine(pieces: list[Piece], manifest: dict, writer: IndexWriter) -> Path:
             layer["entries"] = _token_rows(pieces, layer["name"], n, stage)
         else:
             _dense(pieces, layer["name"], n, manifest["index_factory"], stage)
+        for file in _per_example_files(pieces[0].store, f"layers/{layer['name']}."):  # norms, exact norms...
+            _save(stage / file, _gathered(pieces, n, lambda store: _array(store.path / file, store.n)))
     for name in _per_example_files(pieces[0].store, ""):
         _save(stage / name, _gathered(pieces, n, lambda store: _array(store.path / name, store.n)))
     _examples(pieces, n, writer, stage)
@@ -131,10 +133,8 @@ def _save(path: Path, array: np.ndarray) -> None:
 
 def _dense(pieces: list[Piece], name: str, n: int, factory: str, stage: Path) -> None:
     """The unit rows into a new FAISS file as they are (metric "dot": not normalised again,
-    which could move a last bit), and every per-example array of the layer."""
+    which could move a last bit)."""
     units = _gathered(pieces, n, lambda store: store.vectors(name, None, "cosine"))
-    for file in _per_example_files(pieces[0].store, f"layers/{name}."):
-        _save(stage / file, _gathered(pieces, n, lambda store: _array(store.path / file, store.n)))
     write_faiss(make_faiss_index(units, "dot", factory), stage / "layers" / f"{name}.faiss")
 
 

@@ -41,7 +41,7 @@ from .lock import BuildLock
 from .manifest import MANIFEST, problem
 from .reader import EXAMPLE_OFFSETS, SHARD_ROWS, read_projection
 from .token_rows import by_token
-from .views import BY_TOKEN, TOKEN_FILES, tokens_folder
+from .views import BY_TOKEN, EXACT_NORMS, TOKEN_FILES, tokens_folder
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -134,6 +134,13 @@ class IndexWriter:
                 pass
         with self._disk():
             return np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=(n,))
+
+    def exact_norms_file(self, layer: str, n: int) -> np.memmap:
+        """Each example's exact gradient norm in the layer (n float32, ``NAME.exact_norms.npy``):
+        what cosine divides by and self-influence is, which no sketch keeps."""
+        self._started()
+        return self._build_array(self.partial / "vectors" / f"{layer}.{EXACT_NORMS}", np.float32, (n,),
+                                 f"the exact gradient norms of layer {layer}")
 
     def vector_file(self, layer: str, n: int, dim: int) -> np.memmap:
         """The layer's (n x dim) float32 matrix on disk, created (with its space reserved, so a
@@ -246,6 +253,9 @@ class IndexWriter:
         for number, layer in enumerate(manifest["layers"]):
             if on_layer:
                 on_layer(number, len(manifest["layers"]))
+            if layer.get("exact_norms"):
+                _link(self.partial / "vectors" / f"{layer['name']}.{EXACT_NORMS}",
+                      stage / "layers" / f"{layer['name']}.{EXACT_NORMS}")
             if layer.get("kind") == "tokens":
                 folder = tokens_folder(stage, layer["name"])
                 folder.mkdir()
