@@ -27,6 +27,11 @@ def split(train_tsv, tmp_path, first):
 
 def assert_same_index(a, b):
     assert len(a) == len(b)
+    arrays = sorted(str(f.relative_to(a.path)) for f in a.path.rglob("*.npy"))
+    assert arrays == sorted(str(f.relative_to(b.path)) for f in b.path.rglob("*.npy"))
+    assert any(f.endswith(".exact_norms.npy") for f in arrays) and any(f.endswith(".norms.npy") for f in arrays)
+    for name in arrays:  # norms, exact norms, token rows, losses, offsets: every array, bit for bit
+        assert (a.path / name).read_bytes() == (b.path / name).read_bytes(), name
     for layer in a.layers:
         for metric in ("cosine", "dot"):
             assert np.array_equal(dense_rows(a, layer, metric=metric), dense_rows(b, layer, metric=metric)), layer

@@ -73,7 +73,7 @@ def test_merge_refuses_shards_that_do_not_make_one_build(bert_dir, train_tsv, tm
     code, _, error = run_cli(capsys, "merge", tmp_path / "s0", tmp_path / "other", "--out", tmp_path / "m")
     assert code == 1 and "the build options" in error
     assert not (tmp_path / "m").exists()
-    code, _, error = run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "x", "--proj-dim", "4",
+    code, _, error = run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "x", "--projection", "pca", "--proj-dim", "4",
                              "--projection-from", proj)
     assert code == 1 and "--proj-dim 2" in error and not (tmp_path / "x").exists()
     assert run_cli(capsys, "merge", tmp_path / "s1", tmp_path / "s0", "--out", tmp_path / "m")[0] == 0
