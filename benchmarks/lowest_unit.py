@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     labels = [int(r[1]) for r in rows]
     units = select_units(discover_units(loaded.model), args.layers)
     layers = assign_layers(units, "layer")
-    projectors = [make_projector(u, BuildConfig(projection="random")) for u in units]
+    projectors = [make_projector(u, BuildConfig(projection="random").validate()) for u in units]
     batches = [list(range(i, i + args.batch_size)) for i in range(0, len(rows), args.batch_size)]
     embedding = loaded.model.get_input_embeddings()
     times, loads = {"stops": [], "through": []}, []
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     def timed(kind, batch):
         handle = embedding.register_forward_hook(_leaf_output) if kind == "through" else None
         started = time.perf_counter()
-        vectors, _, _ = layer_vectors(loaded, projectors, layers, encodings, labels, batch)
+        vectors = layer_vectors(loaded, projectors, layers, encodings, labels, batch)[0]
         times[kind].append(time.perf_counter() - started)
         if handle:
             handle.remove()
