@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -99,7 +100,7 @@ def build(
         index = build_index(model, train_file, out, config, force=force, resume=resume, progress=progress)
     if as_json:
         print(json.dumps(index.manifest, indent=2))
-    elif not STATE["quiet"]:
+    elif not STATE["quiet"] and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 alone
         m = index.manifest
         err.print(f"[green]indexed {m['n']:,} examples[/] in {len(m['layers'])} layers "
                   f"({m['build_seconds']:.1f} s of gradients) -> {index.path}")
@@ -334,6 +335,9 @@ def demo(
         console.print(f"{name:<24} {path}")
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
                   + f"; total {sum(result.seconds.values()):.0f} s")
+
+
+from . import cli_grow  # noqa: E402,F401 (registers fit, merge, add and delete on the app)
 
 
 def _interrupted(argv: list[str]) -> str:

@@ -11,6 +11,7 @@ stay flat (``config.text_col``) and are declared once. No torch, faiss or typer 
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
@@ -99,6 +100,18 @@ class BuildConfig(ModelOptions, Columns):
     limit: int | None = option(None, "Index only the first N rows of the training file.")
     task: str | None = option(None, "classification or causal-lm (default: detected from the model's architecture, e.g. GPT2LMHeadModel, LlamaForCausalLM).")
     completion_col: str | None = option(None, "Causal LM: column holding the completion, whose tokens alone carry the loss (default: completion, response, answer, output or target); --text-col is then the prompt. Without one, each text is a whole completion.")
+    shard: str | None = option(None, "Build shard i of n (e.g. 0/4): batches i, i+n, ... of the single build's length-sorted batches, into a shard index that `lite-influence merge` joins; under torchrun the rank and world size say it instead.")
+    projection_from: str | None = option(None, "Take the fitted projection from this folder (`lite-influence fit --out`, or an index) instead of fitting one: every shard of a build shares it.")
+
+    @property
+    def shard_spec(self) -> tuple[int, int] | None:
+        """``shard`` as (i, n), checked: 0 <= i < n."""
+        if self.shard is None:
+            return None
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", self.shard)
+        if not match or not int(match[1]) < int(match[2]):
+            raise UserError(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got '{self.shard}'")
+        return int(match[1]), int(match[2])
 
     def validate(self):
         from .store import METRICS, check_factory
@@ -117,6 +130,7 @@ class BuildConfig(ModelOptions, Columns):
         if self.num_labels == 1:
             raise UserError("--num-labels must be at least 2: a classifier with one class learns nothing.")
         check_factory(self.index_factory)
+        self.shard_spec
         return self
 
 

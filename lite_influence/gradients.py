@@ -5,8 +5,10 @@ unit's output tensor; in the backward pass that hook receives delta_t, projects 
 delta_t) and contracts over tokens: phi = sum_t (R_out^T delta_t)(R_in^T x_t)^T. Padding
 positions are masked out. Weights stay frozen (``requires_grad=False``): backward then skips
 the weight-gradient matrix products it would otherwise compute, and the only gradients that
-flow are the activations'. To make them flow at all, the word embeddings' output is made a
-leaf that requires grad.
+flow are the activations'. To make them flow at all, each indexed unit's output that nothing
+below makes require grad is a leaf that requires grad (``_leaf_output``), so the backward
+pass stops at the lowest indexed units: ``--layers late,head`` pays for a backward through
+the late blocks and the head only, not through the early blocks and the embeddings.
 
 The same hooks can instead accumulate the covariances sum x x^T and sum delta delta^T that
 the eigenbasis projection is fitted on (``CovarianceCollector``).
@@ -64,15 +66,12 @@ class _Hooks:
         raise NotImplementedError
 
     def __enter__(self):
-        embedding = self.model.get_input_embeddings()
         for unit in self.units:
             module = _module(self.model, unit.name)
             self._handles.append(module.register_forward_hook(self._forward_hook(unit)))
             head = tied_head(self.model, module) if unit.kind == "embedding" else None
             if head is not None:
                 self._handles.append(head.register_forward_hook(self._tied_hook(unit)))
-        if not any(u.kind == "embedding" for u in self.units):
-            self._handles.append(embedding.register_forward_hook(_leaf_output))
         return self
 
     def __exit__(self, *exc):
@@ -83,8 +82,7 @@ class _Hooks:
 
     def _forward_hook(self, unit: Unit):
         def hook(module, inputs, output):
-            if unit.kind == "embedding":
-                output = _leaf_output(module, inputs, output)
+            output = _leaf_output(module, inputs, output)  # the backward stops here if nothing below is indexed
             x = inputs[0].detach()
             if unit.kind != "embedding" and x.dim() == 2:
                 x, squeeze = x[:, None, :], True  # a head that sees one vector per example
@@ -114,7 +112,10 @@ def tied_head(model: nn.Module, embedding: nn.Module) -> nn.Module | None:
 
 
 def _leaf_output(module, inputs, output):
-    """Let gradients flow from the embeddings on although no weight requires grad."""
+    """A unit's output that no gradient would reach (no weight requires grad, and no indexed
+    unit lies below it) becomes a leaf that requires grad: the backward pass then reaches
+    every indexed unit and stops at the lowest ones, never running through the blocks (and
+    embeddings) below them. Where the output already requires grad it is left as it is."""
     if output.requires_grad:
         return output
     return output.detach().requires_grad_(True)

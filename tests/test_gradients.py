@@ -177,3 +177,29 @@ def test_exact_norms_take_either_route_to_the_same_value():
     for xs, ds in ((x, delta), (few_x, few_delta)):
         reference = torch.einsum("bto,bti->boi", ds.double(), xs.double()).square().sum((1, 2))
         torch.testing.assert_close(exact_squared_norms(xs, ds), reference)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backward_stops_at_the_lowest_indexed_unit(arch):
+    """--layers late,head: the vectors are the exact gradients (full width), and no gradient is
+    computed below the late blocks: nothing under them requires grad, so autograd never runs
+    the early blocks' or the embeddings' backward."""
+    model = tiny_classifier(arch)
+    batch, labels = random_batch()
+    units = select_units(discover_units(model), "late,head")
+    assert units and {u.block for u in units} <= {2, None}
+    exact = exact_gradients(model, batch, labels, units)
+    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 3)
+    below = [model.get_input_embeddings(), blocks[0], blocks[1]]
+    seen, reached = [], []
+    handles = [m.register_forward_hook(lambda m, i, out: seen.append((out[0] if isinstance(out, tuple) else out).requires_grad))
+               for m in below]
+    handles += [m.register_full_backward_hook(lambda m, gi, go: reached.append(m)) for m in below]
+    try:
+        phi = projected(model, batch, labels, [random_projector(u, 10_000, 0) for u in units])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == 3 and not any(seen) and not reached
+    for unit in units:
+        torch.testing.assert_close(phi[unit.name], exact[unit.name].flatten(1), rtol=1e-4, atol=1e-6)
