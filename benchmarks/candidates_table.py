@@ -35,11 +35,14 @@ def planted_cells(result: dict, source: str, metric: str = "cosine") -> tuple[li
 
 def fidelity_cells(fidelity: dict, source: str) -> list[str]:
     r = fidelity.get("candidates", {}).get(source)
-    if source == "default":  # the library default: fidelity.py's hybrid row at the default proj-dim
+    if source == "default":  # the library default: its row in fidelity.py's results
         from lite_influence.config import BuildConfig
 
-        k = str(BuildConfig().proj_dim)
-        r = {m: fidelity["spearman"][m][BuildConfig().projection][k] for m in ("dot", "cosine")}
+        d = BuildConfig().validate()
+        if d.projection == "mixed":  # sketches.py's name for it
+            r = fidelity.get("candidates", {}).get(f"random x pca k={d.proj_dim_in}x{d.proj_dim}")
+        else:
+            r = {m: fidelity["spearman"][m][d.projection][str(d.proj_dim)] for m in ("dot", "cosine")}
     if r is None:
         return ["-", "-"]
     cells = []

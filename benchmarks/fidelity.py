@@ -142,7 +142,7 @@ def projected_vectors(loaded, projectors, layers, encodings, labels, batch_size)
     """The vectors lite_influence would store: {layer: (N, dim) float32}."""
     out = {}
     for batch in length_batches([len(e["input_ids"]) for e in encodings], batch_size):
-        vectors, _, _ = layer_vectors(loaded, projectors, layers, encodings, labels, batch)
+        vectors = layer_vectors(loaded, projectors, layers, encodings, labels, batch)[0]
         for name, v in vectors.items():
             out.setdefault(name, np.zeros((len(encodings), v.shape[1]), np.float32))[batch] = v
     return out

@@ -558,6 +558,11 @@ def cosine_index(dot_index, out: Path):
     try:
         for layer in dot_index.layers:
             view = dot_index.store.layer(layer)
+            exact = view.exact.values()  # the manifest copied below says the layer has them
+            if exact is not None:
+                norms = writer.exact_norms_file(layer, len(exact))
+                norms[:] = exact
+                norms.flush()
             if view.kind == "tokens":  # stored raw either way: cosine divides by norms at query time
                 rows = view.stored
                 copy = writer.token_file(layer, np.diff(rows.indptr), rows.k)

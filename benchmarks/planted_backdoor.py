@@ -219,7 +219,7 @@ def sources(units, covariances, args) -> dict[str, dict[str, object]]:
     from lite_influence.config import BuildConfig
     from lite_influence.projection import fitted_projector, keeps_tokens, token_projector
 
-    d = BuildConfig()
+    d = BuildConfig().validate()
 
     def default(u):  # as build.py makes it; the exact token side scored by the identity
         if keeps_tokens(u, d.token_dim):
@@ -287,12 +287,16 @@ def planted_share(scores: np.ndarray, planted: set[int], k: int) -> float:
     return float(np.mean([int(i) in planted for i in top]))
 
 
-def shares(per_layer: dict, groups: dict[str, list[str]], planted: list[int], metric: str) -> dict:
+def shares(per_layer: dict, groups: dict[str, list[str]], planted: list[int], metric: str,
+           exact: dict | None = None) -> dict:
     """Per layer and group: {"per_query": mean share over queries, "aggregated": share in the
-    ranking by the query-averaged score} of planted examples among the top k = P."""
+    ranking by the query-averaged score} of planted examples among the top k = P.
+    ``cosine-en``: the projected inner product over the *exact* gradient norms (``exact``'s)."""
     k, planted_set, scored = len(planted), set(planted), {}
     for name, (dot, t_self, q_self) in per_layer.items():
-        scored[name] = dot / np.sqrt(np.outer(q_self, t_self)).clip(1e-30) if metric == "cosine" else dot
+        if metric == "cosine-en":
+            t_self, q_self = exact[name][1], exact[name][2]
+        scored[name] = dot if metric == "dot" else dot / np.sqrt(np.outer(q_self, t_self)).clip(1e-30)
     out = {}
     multi = [(g, m) for g, m in groups.items() if len(m) > 1 and all(x in per_layer for x in m)]
     for name, members in [*[(l, [l]) for l in per_layer], *multi]:
@@ -310,7 +314,7 @@ def hook_check(loaded, units, layers, projectors, encodings, labels, batch) -> f
     the dense layers (the exact token rows are checked against autograd in tests)."""
     layers = {n: ms for n, ms in layers.items() if not isinstance(projectors[ms[0].name], sketches.TokensExact)}
     ordered = [projectors[u.name] for ms in layers.values() for u in ms]
-    vectors, _, _ = layer_vectors(loaded, ordered, layers, encodings, labels, batch)
+    vectors = layer_vectors(loaded, ordered, layers, encodings, labels, batch)[0]
     got = capture(loaded, units, encodings, labels, batch)
     worst = 0.0
     for name, members in layers.items():
@@ -388,7 +392,8 @@ def run_setup(setup: dict, args) -> dict:
     dims = source_dims(projectors, layers, train_enc)
     result = {"setup": setup, "planted": planted, "asr": asr, "clean_accuracy": clean_acc,
               "queries": len(query_enc), "dims": dims, "checks": checks,
-              "share": {m: {s: shares(v, groups, planted, m) for s, v in scores.items()} for m in ("cosine", "dot")},
+              "share": {m: {s: shares(v, groups, planted, m, scores["exact"]) for s, v in scores.items()}
+                        for m in ("cosine", "dot", "cosine-en")},
               "seconds": {"train_or_load": round(train_s, 1), "scoring": round(score_s, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
     print(f"setup {setup}: ASR {asr:.2f}, clean acc {clean_acc:.2f}, checks {checks}", flush=True)
@@ -458,7 +463,7 @@ run again its new sources added (or replacing the old ones of the same name)."""
         fresh = new.pop(setup_name(r["setup"]), None)
         if fresh is not None:  # the same setup: this run's sources replace or join the old ones
             for metric in fresh["share"]:
-                r["share"][metric] = {**r["share"][metric], **fresh["share"][metric]}
+                r["share"][metric] = {**r["share"].get(metric, {}), **fresh["share"][metric]}
             r["dims"] = {**r["dims"], **fresh["dims"]}
             r.update({k: fresh[k] for k in ("asr", "clean_accuracy", "checks", "seconds")})
         out.append(r)

@@ -7,7 +7,9 @@ The heavy imports (torch, transformers, faiss) happen only when a function needs
 
 __version__ = "0.1.0"
 
-__all__ = ["build_index", "InfluenceIndex", "BuildConfig", "UserError", "__version__"]
+__all__ = ["build_index", "InfluenceIndex", "BuildConfig", "UserError", "fit_projection", "merge_shards",
+           "add_rows", "delete_rows", "__version__"]
+_MORE = {"fit_projection": "fitting", "merge_shards": "shards", "add_rows": "grow", "delete_rows": "grow"}
 
 
 def __getattr__(name):
@@ -23,4 +25,8 @@ def __getattr__(name):
         from .errors import UserError
 
         return UserError
+    if name in _MORE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_MORE[name]}", __name__), name)
     raise AttributeError(name)

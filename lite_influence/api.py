@@ -191,9 +191,10 @@ class InfluenceIndex:
         k = min(config.k, len(self))
         metric = self.store.check_metric(config.metric)
         result = {"query": queries[0], "queries": queries, "prediction": queries[0]["prediction"],
-                  "agg": config.agg, "metric": metric, "layers": layers, "k": k,
+                  "agg": config.agg, "metric": metric, "score": config.score,
+                  **({"damping": config.damping} if config.score == "curvature" else {}), "layers": layers, "k": k,
                   "k_clamped": config.k > len(self), "warning": warning}
-        candidates, scores = layer_scores(self.store, vectors, layers, metric, k)
+        candidates, scores = layer_scores(self.store, vectors, layers, metric, k, config.score, config.damping)
         if candidates is not None:  # an ANN index: say what was ranked (lookup.py)
             result.update(approximate=self.store.manifest["index_factory"], candidates=len(candidates))
         for side, sign in (("proponents", 1.0), ("opponents", -1.0)):

@@ -30,6 +30,7 @@ from .config import truthy
 from .data import write_rows
 from .errors import UserError
 from .chance import check_chance
+from .curvature import layer_view
 from .lookup import nearest
 
 
@@ -50,6 +51,7 @@ class AuditResult:
     notes: list[str] = field(default_factory=list)
     warning: str | None = None  # the model is at chance on the queries (chance.py)
     metric: str = "cosine"  # what the influence rows compared
+    score: str = "gradient"  # and how (curvature.py)
 
     @property
     def ranking(self) -> np.ndarray:
@@ -67,7 +69,7 @@ class AuditResult:
                 "n_noisy": None if self.noisy is None else int(self.noisy.sum()),
                 "levels": list(self.levels), "table": self.table, "baselines": self.baselines,
                 "cancellation": self.cancellation, "notes": self.notes,
-                "warning": self.warning}
+                "warning": self.warning, "score": self.score}
 
     def saved(self, examples: list[dict], top: int = 200, points: int = 200) -> dict:
         """What ``audit --save`` keeps beside the index for the server's page: the table and
@@ -159,10 +161,12 @@ def run_audit(index, queries, config, progress) -> AuditResult:
     per_layer, cancellation = {}, {}
     for number, layer in enumerate(layers):
         per_layer[layer], cancellation[layer] = _layer_sums(index, layer, grads.vectors[layer], subsets, aggs,
-                                                            config.vote_p, metric)
+                                                            config.vote_p, metric, (config.score, config.damping))
         progress("layers", number + 1, len(layers))
     result = AuditResult(len(index), len(examples), int(grads.correct.sum()), noisy, levels,
-                         cancellation=cancellation, metric=metric)
+                         cancellation=cancellation, metric=metric, score=config.score)
+    if config.score == "curvature":
+        result.notes.append(f"score: curvature (damping {config.damping:g} x the mean curvature per weight matrix)")
     result.warning = chance_warning(grads)
     if result.warning:
         result.notes.insert(0, result.warning)
@@ -199,8 +203,8 @@ def run_audit(index, queries, config, progress) -> AuditResult:
 def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """What influence must beat, ranked like it (most suspicious first): the training loss at
     build time (high first; mislabeled examples are the ones a model fits worst), the
-    self-influence of all layers (squared gradient norm, high first; not for an old cosine
-    index, which stores unit vectors only), and the rank fusion of the headline influence ranking
+    self-influence of all layers (squared gradient norm, high first: exact where the build
+    stored exact norms; not for an old cosine index, which stores unit vectors only), and the rank fusion of the headline influence ranking
     with the loss (mean of the two positions, ties by id): the honest question is whether
     influence adds anything to the loss."""
     out = {}
@@ -208,7 +212,7 @@ def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray,
     if losses is not None:
         out["training loss"] = _ranked(losses)
     if index.store.holds != "unit":  # the norms are known (exact even for an ANN index)
-        squares = sum(index.store.layer(layer).squared_norms("dot") for layer in index.layers)
+        squares = sum(_self_influence(index.store.layer(layer)) for layer in index.layers)
         out["self-influence"] = _ranked(squares)
     if losses is not None and result.table:
         influence = result.ranking
@@ -219,20 +223,27 @@ def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray,
     return out
 
 
+def _self_influence(view) -> np.ndarray:
+    """The exact squared gradient norm where the build stored it, else the sketch's."""
+    exact = view.exact.values()
+    return view.squared_norms("dot") if exact is None else exact ** 2
+
+
 def _ranked(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ids = order(values, higher_first=True)
     return ids, values[ids]
 
 
-def _layer_sums(index, layer, vectors, subsets, aggs, vote_p, metric):
+def _layer_sums(index, layer, vectors, subsets, aggs, vote_p, metric, scoring=("gradient", 0.1)):
     """Per query subset and aggregation, this layer's lists combined over queries, in a form
-    that adds up over layers: mean score sum, mean-rank sum, vote sum."""
-    view = index.store.layer(layer)
+    that adds up over layers: mean score sum, mean-rank sum, vote sum. ``scoring``: (score,
+    damping), as curvature.layer_view takes them."""
+    view = layer_view(index.store, layer, *scoring)
     queries = view.prepare(vectors, metric)
     need_full = "mean" in aggs or "rank" in aggs
     full = view.scores(queries, metric).T if need_full else None  # (Q, N)
     if "vote" in aggs:
-        neighbours = nearest(index.store, layer, queries, -1.0, vote_depth(len(index), vote_p), metric)
+        neighbours = nearest(index.store, layer, queries, -1.0, vote_depth(len(index), vote_p), metric, *scoring)
     sums = {}
     for subset, mask in subsets.items():
         rows = np.flatnonzero(mask)

@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from . import __version__
 from .config import BuildConfig
 from .data import fingerprint_file, with_label_ids
 from .errors import InputWarning
+from .fitting import fit_projectors, make_projector, shared_projectors
+from .shards import SHARD_ROWS, shard_manifest
 from .store import FORMAT_VERSION, IndexStore, IndexWriter, resolve_factory
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -32,9 +34,17 @@ def build_index(model: str | Path, train_file: str | Path, out: str | Path,
                 progress: Progress | None = None, **options) -> "InfluenceIndex":
     """Index the projected per-layer gradients of every example of ``train_file``.
 
-    ``options`` override fields of ``config`` (``build_index(m, f, o, proj_dim=16)``).
+    ``options`` override fields of ``config`` (``build_index(m, f, o, proj_dim=16)``). Under
+    torchrun (``WORLD_SIZE`` > 1) every rank builds its shard and rank 0 merges them into
+    ``out`` (``distributed``).
     """
     config = replace(config or BuildConfig(), **options).validate()
+    from .distributed import Cluster, build_distributed
+
+    cluster = Cluster.from_env()
+    if cluster is not None and config.shard is None:
+        return build_distributed(cluster, model, train_file, out, config, force=force, resume=resume,
+                                 progress=progress)
     progress = progress or (lambda stage, done, total: None)
     writer = IndexWriter(out, force=force, resume=resume, protect=[model, train_file])
     try:
@@ -52,11 +62,19 @@ def build_index(model: str | Path, train_file: str | Path, out: str | Path,
         raise
 
 
-def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: BuildConfig,
-           progress: Progress) -> dict:
-    from .gradients import length_batches
+class Prepared(NamedTuple):
+    """What the gradient pass and the fitting pass start from."""
+    loaded: object
+    examples: object
+    units: list
+    layers: dict
+    encodings: list
+
+
+def prepare(model_dir: Path, train_file: Path, config: BuildConfig, progress: Progress) -> Prepared:
+    """The rows read and checked, the model loaded, units chosen and the texts encoded."""
     from .layers import assign_layers, discover_units, select_units
-    from .models import encode, folder_task, load_model, model_fingerprint
+    from .models import encode, folder_task, load_model
     from .tasks import task_of
 
     task = folder_task(model_dir, config.task)
@@ -74,26 +92,46 @@ def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: Build
     _warn_clamped(loaded, units, layers, config)
     encodings = encode(loaded, examples.texts, examples.pairs, config.max_length,
                        completions=examples.completions, source=f" of {train_file}")
+    return Prepared(loaded, examples, units, layers, encodings)
+
+
+def _build(model_dir: Path, train_file: Path, writer: IndexWriter, config: BuildConfig,
+           progress: Progress) -> dict:
+    from .gradients import length_batches
+    from .models import model_fingerprint
+    from .shards import shard_batches
+
+    loaded, examples, units, layers, encodings = prepare(model_dir, train_file, config, progress)
     batches = length_batches([len(e["input_ids"]) for e in encodings], config.batch_size)
     identity = {"config": config.to_dict(), "model": model_fingerprint(model_dir),
                 "data": fingerprint_file(train_file), "n": len(examples)}
+    rows, batches = shard_batches(batches, config.shard_spec, len(examples))
     done = writer.resume_point(identity)
-    projectors = _projectors(loaded, writer, units, encodings, examples.labels, config, progress, done)
+    projectors = _projectors(loaded, writer, units, encodings, examples.labels, config, progress, done,
+                             identity["model"])
+    encodings = [encodings[i] for i in rows]  # this shard's (all of them without --shard)
+    labels = None if examples.labels is None else [examples.labels[i] for i in rows]
     dims = {name: sum(projectors[u.name].dim for u in members) for name, members in layers.items()}
     tokens = token_layers(layers, projectors)
     counts = np.array([len(np.unique(e["input_ids"])) for e in encodings], np.int64) if tokens else None
     matrices = {name: writer.token_file(name, counts, dims[name]) if name in tokens else
-                writer.vector_file(name, len(examples), dims[name]) for name in layers}
-    matrices[LOSS] = writer.loss_file(len(examples))
+                writer.vector_file(name, len(rows), dims[name]) for name in layers}
+    matrices[LOSS] = writer.loss_file(len(rows))
+    exact = exact_norm_layers(layers)
+    matrices.update({(NORMS, name): writer.exact_norms_file(name, len(rows)) for name in exact})
     ordered = [projectors[u.name] for u in units]
     started = time.perf_counter()
-    _gradient_pass(loaded, ordered, layers, encodings, examples.labels, batches, done, matrices,
+    _gradient_pass(loaded, ordered, layers, encodings, labels, batches, done, matrices,
                    lambda completed: writer.save_progress({**identity, "batches_done": completed}),
-                   lambda completed: progress("gradients", sum(len(b) for b in batches[:completed]), len(examples)))
-    writer.write_examples(_example_rows(examples))
+                   lambda completed: progress("gradients", sum(len(b) for b in batches[:completed]), len(rows)))
+    table = _example_rows(examples)
+    writer.write_examples([{**table[i], "id": j} for j, i in enumerate(rows)])
+    if config.shard:
+        writer.write_array(SHARD_ROWS, rows)
     entries = {name: int(counts.sum()) for name in tokens}
-    return _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, entries, config,
-                     identity, time.perf_counter() - started)
+    manifest = _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims, entries, config,
+                         identity, time.perf_counter() - started)
+    return shard_manifest(manifest, config, len(rows)) if config.shard else manifest
 
 
 def token_layers(layers: dict, projectors: dict) -> set[str]:
@@ -104,6 +142,21 @@ def token_layers(layers: dict, projectors: dict) -> set[str]:
 
 
 LOSS = object()  # the key of the per-example loss column among the layers' matrices
+NORMS = "exact norms"  # (NORMS, layer): the key of a layer's exact gradient norms among the matrices
+
+
+def exact_norm_layers(layers: dict) -> list[str]:
+    """Layers whose exact gradient norms the hooks compute: all but a tied embeddings'
+    (``gradients.ProjectedGradients``)."""
+    return [name for name, units in layers.items() if not any(u.tied for u in units)]
+
+
+def _batch_values(name, vectors, losses, squares):
+    if name is LOSS:
+        return losses
+    if isinstance(name, tuple):
+        return np.sqrt(squares[name[1]])
+    return vectors[name]
 
 
 def _read(kind, train_file: Path, config: BuildConfig):
@@ -143,9 +196,10 @@ def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done,
 
     try:
         for number in range(done, len(batches)):
-            vectors, losses, _ = layer_vectors(loaded, projectors, layers, encodings, labels, batches[number])
+            vectors, losses, _, squares = layer_vectors(loaded, projectors, layers, encodings, labels,
+                                                        batches[number])
             for name, matrix in matrices.items():
-                matrix[batches[number]] = losses if name is LOSS else vectors[name]
+                matrix[batches[number]] = _batch_values(name, vectors, losses, squares)
             completed = number + 1
             if time.perf_counter() - saved_at >= every or completed == len(batches):
                 checkpoint()
@@ -156,36 +210,23 @@ def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done,
         raise
 
 
-def _projectors(loaded, writer, units, encodings, labels, config, progress, done) -> dict:
-    from .gradients import fit_covariances, length_batches
-    from .projection import (fitted_projector, from_arrays, keeps_tokens, pca_fits, random_projector,
-                             to_arrays, token_projector, unit_k)
+def _projectors(loaded, writer, units, encodings, labels, config, progress, done, fingerprint) -> dict:
+    """One projector per unit: shared (``--projection-from``), random, saved by the build
+    being resumed, or fitted now (``fitting``); a fitted one is saved before the first batch."""
+    from .projection import from_arrays, to_arrays
 
-    def make(u, covariances=None):
-        if keeps_tokens(u, config.token_dim):
-            return token_projector(config.projection, u, config.token_dim, config.seed, covariances)
-        k = unit_k(u, config.proj_dim, config.exact_max, config.proj_dim_in)
-        return random_projector(u, k, config.seed) if covariances is None else \
-            fitted_projector(config.projection, u, k, config.seed, covariances)
-
-    if config.projection == "random":
-        return {u.name: make(u) for u in units}
-    if done:  # resuming: the eigenbasis was fitted and saved before the first batch
-        saved = from_arrays(units, config.proj_dim, config.seed, writer.read_projection(), config.projection,
-                            exact_max=config.exact_max, token_dim=config.token_dim, proj_dim_in=config.proj_dim_in)
-        return {p.unit.name: p for p in saved}
-    sample = np.random.default_rng(config.seed).permutation(len(encodings))[: config.fit_examples]
-    lengths = [len(encodings[i]["input_ids"]) for i in sample]
-    batches = [[int(sample[j]) for j in b] for b in length_batches(lengths, config.batch_size)]
-    fitted_count = [0]
-
-    def on_batch(size):
-        fitted_count[0] += size
-        progress("fit", fitted_count[0], len(sample))
-
-    covariances = fit_covariances(loaded, units, encodings, labels, batches, pca_fits, on_batch)
-    projectors = [make(u, covariances[u.name]) for u in units]
-    writer.write_projection(to_arrays(projectors))
+    if config.projection_from:
+        projectors = shared_projectors(config.projection_from, units, config, fingerprint)
+    elif config.projection == "random":
+        return {u.name: make_projector(u, config) for u in units}
+    elif done:  # resuming: the eigenbasis was fitted and saved before the first batch
+        projectors = from_arrays(units, config.proj_dim, config.seed, writer.read_projection(), config.projection,
+                                 exact_max=config.exact_max, token_dim=config.token_dim,
+                                 proj_dim_in=config.proj_dim_in)
+    else:
+        projectors = fit_projectors(loaded, units, encodings, labels, config, progress)
+    if not done:
+        writer.write_projection(to_arrays(projectors))
     return {p.unit.name: p for p in projectors}
 
 
@@ -230,6 +271,7 @@ def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims,
         "layers": [
             {"name": name, "dim": dims[name], "block": layer_blocks[name],
              **({"kind": "tokens", "entries": entries[name]} if name in entries else {}),
+             **({"exact_norms": True} if name in exact_norm_layers(layers) else {}),
              "units": [{"name": u.name, "kind": u.kind, "role": u.role, "params": list(u.params),
                         "in_dim": u.in_dim, "out_dim": u.out_dim,
                         "k_in": projectors[u.name].inp.k, "k_out": projectors[u.name].out.k}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -99,7 +100,7 @@ def build(
         index = build_index(model, train_file, out, config, force=force, resume=resume, progress=progress)
     if as_json:
         print(json.dumps(index.manifest, indent=2))
-    elif not STATE["quiet"]:
+    elif not STATE["quiet"] and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 alone
         m = index.manifest
         err.print(f"[green]indexed {m['n']:,} examples[/] in {len(m['layers'])} layers "
                   f"({m['build_seconds']:.1f} s of gradients) -> {index.path}")
@@ -159,13 +160,17 @@ def info(
                        ("data", m["data"]["path"]), ("size", render.human(sum(sizes.values())))):
         summary.add_row(f"[bold]{key}[/]", shown(str(value)))
     console.print(summary)
-    table = Table("layer", "units", "dim", "file size", title="layers")
+    table = Table("layer", "units", "dim", "kept", "file size", title="layers",
+                  caption="kept: median ratio of an example's squared gradient norm in the stored sketch to the "
+                          "exact one (an eigenbasis keeps a share, at most 1; a random side keeps 1 on average)")
     for layer in m["layers"]:
         size = sum(v for f, v in sizes.items() if f == f"layers/{layer['name']}.faiss"
                    or f.startswith(f"layers/{layer['name']}.tokens/"))
         dim = str(layer["dim"]) if layer.get("kind") != "tokens" else \
             f"{layer['dim']} per token ({layer['entries'] / m['n']:.1f} tokens each)"
-        table.add_row(layer["name"], str(len(layer["units"])), dim, render.human(size))
+        kept = store.layer(layer["name"]).kept_share()
+        table.add_row(layer["name"], str(len(layer["units"])), dim, "-" if kept is None else f"{kept:.2f}",
+                      render.human(size))
     console.print(table)
     console.print("groups: " + "; ".join(f"{g}: {', '.join(ls)}" for g, ls in m["groups"].items()))
 
@@ -233,7 +238,8 @@ def _ask_server(index_dir: Path, *, text, pair, label, completion, config: Query
     from .client import remote_query
 
     request = {"text": text, "pair": pair, "label": label, "completion": completion,
-               "k": config.k, "layers": config.layers, "agg": config.agg, "metric": config.metric}
+               "k": config.k, "layers": config.layers, "agg": config.agg, "metric": config.metric,
+               **({"score": config.score, "damping": config.damping} if config.score != "gradient" else {})}
     return remote_query(index_dir, {key: value for key, value in request.items() if value is not None})
 
 
@@ -330,6 +336,9 @@ def demo(
         console.print(f"{name:<24} {path}")
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
                   + f"; total {sum(result.seconds.values()):.0f} s")
+
+
+from . import cli_grow  # noqa: E402,F401 (registers fit, merge, add and delete on the app)
 
 
 def _interrupted(argv: list[str]) -> str:

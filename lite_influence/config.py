@@ -11,6 +11,7 @@ stay flat (``config.text_col``) and are declared once. No torch, faiss or typer 
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
@@ -75,15 +76,20 @@ class ModelOptions(Options):
     num_labels: int | None = option(None, "Classes of a newly initialised head, when the model folder has none (default 2).")
 
 
+# (output-side dims, input-side dims) of a projection when --proj-dim is not given: mixed at
+# 64 x 4 (benchmarks/results/projection_candidates_asymmetric.md, planted_backdoor.md)
+PROJECTION_SIZES = {"mixed": (4, 64)}
+
+
 @dataclass
 class BuildConfig(ModelOptions, Columns):
     """Options of ``lite-influence build``."""
 
     layers: str = option("attention", "Which units to index: attention (embeddings, attention linears, head), mlp, all, a group (early, middle, late, embeddings, head), a layer (block3) or a regex over module names; comma-separated.")
     granularity: str = option("layer", "One index per transformer block ('layer') or per weight matrix ('unit').")
-    projection: str = option("pca", "pca: fitted Kronecker eigenbasis (best average fidelity); mixed: seeded random input side, eigenbasis output side (finds more planted causes; use with --proj-dim-in 64 --proj-dim 4); hybrid: input side half eigenbasis, half an unbiased sketch of the rest; random: seeded Gaussian (needs no fitting pass). README, Projection.")
-    proj_dim: int = option(8, "Dims kept per side of each weight matrix; a unit stores proj_dim^2 numbers (a BERT block of 4 attention matrices: 4 x 64 = 256).")
-    proj_dim_in: int | None = option(None, "Dims kept on each weight matrix's input (activation) side when it differs from --proj-dim, which then sizes the output (gradient) side: e.g. --projection mixed --proj-dim-in 64 --proj-dim 4.")
+    projection: str = option("mixed", "mixed: a seeded random input side and the eigenbasis output side (finds planted rare causes about as a 16x16 random projection does, at the fidelity of the eigenbasis; README, Projection); pca: fitted Kronecker eigenbasis on both sides (best average fidelity and exact EK-FAC for --score curvature, but it drops rare causes); hybrid: input side half eigenbasis, half an unbiased sketch of the rest; random: seeded Gaussian (needs no fitting pass).")
+    proj_dim: int | None = option(None, "Dims kept per side of each weight matrix (a unit stores k_in x k_out numbers); default: the projection's own size, 4 output x 64 input dims for mixed (a BERT block of 4 attention matrices: 1,024), 8 x 8 for the others (256).")
+    proj_dim_in: int | None = option(None, "Dims kept on each weight matrix's input (activation) side when it differs from --proj-dim, which then sizes the output (gradient) side (mixed: 64 unless --proj-dim is given).")
     token_dim: int = option(64, "Word embeddings: their token side is kept exactly (sparse rows: each example keeps this many numbers per distinct token, so a rare token is never mixed with others); 0 projects them like any unit (--proj-dim per side).")
     exact_max: int = option(1024, "A weight matrix with one side no wider than --proj-dim and at most this many numbers is stored exactly, not projected (a 2-class head of a 384-wide model: 770 numbers); 0 projects everything.")
     fit_examples: int = option(256, "Training examples used to fit the pca eigenbasis (one extra forward/backward pass over them).")
@@ -94,6 +100,18 @@ class BuildConfig(ModelOptions, Columns):
     limit: int | None = option(None, "Index only the first N rows of the training file.")
     task: str | None = option(None, "classification or causal-lm (default: detected from the model's architecture, e.g. GPT2LMHeadModel, LlamaForCausalLM).")
     completion_col: str | None = option(None, "Causal LM: column holding the completion, whose tokens alone carry the loss (default: completion, response, answer, output or target); --text-col is then the prompt. Without one, each text is a whole completion.")
+    shard: str | None = option(None, "Build shard i of n (e.g. 0/4): batches i, i+n, ... of the single build's length-sorted batches, into a shard index that `lite-influence merge` joins; under torchrun the rank and world size say it instead.")
+    projection_from: str | None = option(None, "Take the fitted projection from this folder (`lite-influence fit --out`, or an index) instead of fitting one: every shard of a build shares it.")
+
+    @property
+    def shard_spec(self) -> tuple[int, int] | None:
+        """``shard`` as (i, n), checked: 0 <= i < n."""
+        if self.shard is None:
+            return None
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", self.shard)
+        if not match or not int(match[1]) < int(match[2]):
+            raise UserError(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got '{self.shard}'")
+        return int(match[1]), int(match[2])
 
     def validate(self):
         from .store import METRICS, check_factory
@@ -103,12 +121,16 @@ class BuildConfig(ModelOptions, Columns):
             raise UserError(f"unknown projection '{self.projection}'; use one of {', '.join(PROJECTIONS)}")
         if self.metric not in METRICS:
             raise UserError(f"unknown metric '{self.metric}'; use one of {', '.join(METRICS)}")
+        if self.proj_dim is None:  # the projection's own size (recorded resolved in the manifest)
+            self.proj_dim, default_in = PROJECTION_SIZES.get(self.projection, (8, None))
+            self.proj_dim_in = default_in if self.proj_dim_in is None else self.proj_dim_in
         _at_least(self, ("proj_dim", "batch_size", "max_length", "fit_examples"), 1)
         _at_least(self, ("exact_max", "seed", "token_dim"), 0)
         _at_least(self, ("limit", "num_labels", "proj_dim_in"), 1, optional=True)
         if self.num_labels == 1:
             raise UserError("--num-labels must be at least 2: a classifier with one class learns nothing.")
         check_factory(self.index_factory)
+        self.shard_spec
         return self
 
 
@@ -120,10 +142,30 @@ def _check_metric(metric: str | None) -> None:
 
 
 AGGREGATIONS = ("mean", "rank", "vote")  # aggregate.py's names; kept here so config stays light
+SCORES = ("gradient", "curvature")  # curvature.py's; kept here for the same reason
+
+
+def check_score(score: str) -> str:
+    if score not in SCORES:
+        raise UserError(f"unknown score '{score}'; use one of {', '.join(SCORES)}")
+    return score
 
 
 @dataclass
-class QueryConfig(Columns):
+class Scoring(Options):
+    """How query and audit compare gradients beyond the metric (curvature.py)."""
+
+    score: str = option("gradient", "gradient (plain gradient similarity: TracIn, the paper's score) or curvature (influence functions: divided by EK-FAC's damped curvature in the stored eigenbasis, from the stored vectors; README, Curvature).")
+    damping: float = option(0.1, "--score curvature: lambda = this x the mean curvature of each weight matrix (Kronfluence's heuristic: 0.1); larger moves towards the gradient score.")
+
+    def check_scoring(self) -> None:
+        check_score(self.score)
+        if not self.damping > 0:
+            raise UserError(f"--damping must be positive, got {self.damping}")
+
+
+@dataclass
+class QueryConfig(Scoring, Columns):
     """Options of ``lite-influence query``. The columns are those of ``--file``; a file's labels
     are explained only when ``--label-col`` names their column, else the model's predictions
     (what "why did it say this?" asks)."""
@@ -138,6 +180,7 @@ class QueryConfig(Columns):
     max_new_tokens: int = option(20, "Causal LM without --completion: explain the model's greedy continuation of up to this many tokens (it stops at end-of-text).")
 
     def validate(self):
+        self.check_scoring()
         if self.agg not in AGGREGATIONS:
             raise UserError(f"unknown aggregation '{self.agg}'; use one of {', '.join(AGGREGATIONS)}")
         if self.k < 1:
@@ -150,7 +193,7 @@ class QueryConfig(Columns):
 
 
 @dataclass
-class AuditConfig(Columns):
+class AuditConfig(Scoring, Columns):
     """Options of ``lite-influence audit`` (the columns are the query file's)."""
 
     layers: str = option("each,groups", "What to score: 'each' (every layer alone), 'groups' (embeddings, early, middle, late, head, all), or layer/group names; comma-separated.")
@@ -184,6 +227,7 @@ class AuditConfig(Columns):
     def validate(self):
         self.level_fractions, self.agg_list
         _check_metric(self.metric)
+        self.check_scoring()
         if not 0 < self.vote_p <= 1:
             raise UserError(f"--vote-p must be in (0, 1], got {self.vote_p}")
         _at_least(self, ("batch_size",), 1)

@@ -5,8 +5,10 @@ unit's output tensor; in the backward pass that hook receives delta_t, projects 
 delta_t) and contracts over tokens: phi = sum_t (R_out^T delta_t)(R_in^T x_t)^T. Padding
 positions are masked out. Weights stay frozen (``requires_grad=False``): backward then skips
 the weight-gradient matrix products it would otherwise compute, and the only gradients that
-flow are the activations'. To make them flow at all, the word embeddings' output is made a
-leaf that requires grad.
+flow are the activations'. To make them flow at all, each indexed unit's output that nothing
+below makes require grad is a leaf that requires grad (``_leaf_output``), so the backward
+pass stops at the lowest indexed units: ``--layers late,head`` pays for a backward through
+the late blocks and the head only, not through the early blocks and the embeddings.
 
 The same hooks can instead accumulate the covariances sum x x^T and sum delta delta^T that
 the eigenbasis projection is fitted on (``CovarianceCollector``).
@@ -64,15 +66,12 @@ class _Hooks:
         raise NotImplementedError
 
     def __enter__(self):
-        embedding = self.model.get_input_embeddings()
         for unit in self.units:
             module = _module(self.model, unit.name)
             self._handles.append(module.register_forward_hook(self._forward_hook(unit)))
             head = tied_head(self.model, module) if unit.kind == "embedding" else None
             if head is not None:
                 self._handles.append(head.register_forward_hook(self._tied_hook(unit)))
-        if not any(u.kind == "embedding" for u in self.units):
-            self._handles.append(embedding.register_forward_hook(_leaf_output))
         return self
 
     def __exit__(self, *exc):
@@ -83,8 +82,7 @@ class _Hooks:
 
     def _forward_hook(self, unit: Unit):
         def hook(module, inputs, output):
-            if unit.kind == "embedding":
-                output = _leaf_output(module, inputs, output)
+            output = _leaf_output(module, inputs, output)  # the backward stops here if nothing below is indexed
             x = inputs[0].detach()
             if unit.kind != "embedding" and x.dim() == 2:
                 x, squeeze = x[:, None, :], True  # a head that sees one vector per example
@@ -114,36 +112,77 @@ def tied_head(model: nn.Module, embedding: nn.Module) -> nn.Module | None:
 
 
 def _leaf_output(module, inputs, output):
-    """Let gradients flow from the embeddings on although no weight requires grad."""
+    """A unit's output that no gradient would reach (no weight requires grad, and no indexed
+    unit lies below it) becomes a leaf that requires grad: the backward pass then reaches
+    every indexed unit and stops at the lowest ones, never running through the blocks (and
+    embeddings) below them. Where the output already requires grad it is left as it is."""
     if output.requires_grad:
         return output
     return output.detach().requires_grad_(True)
 
 
+def exact_squared_norms(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """||G||^2 = ||sum_t delta_t x_t^T||^2 per example (float64), from the two sides the hooks
+    already hold: sum_{t,s} (delta_t . delta_s)(x_t . x_s) when tokens are few (no G formed),
+    else through G, whichever costs less. ``x`` is (batch, tokens, in) features, or (batch,
+    tokens) token ids for the word embeddings (then x_t . x_s is [id_t == id_s]); padding
+    positions must be zero in ``delta``."""
+    delta = delta.double()
+    tokens = delta.shape[1]
+    if x.dim() == 2:  # one-hot token rows: only equal tokens meet
+        same = (x[:, :, None] == x[:, None, :]).double()
+        return (same * torch.einsum("bto,bso->bts", delta, delta)).sum((1, 2))
+    x = x.double()
+    if tokens * (x.shape[-1] + delta.shape[-1]) <= x.shape[-1] * delta.shape[-1]:
+        return (torch.einsum("bti,bsi->bts", x, x) * torch.einsum("bto,bso->bts", delta, delta)).sum((1, 2))
+    return torch.einsum("bto,bti->boi", delta, x).square().sum((1, 2))
+
+
 class ProjectedGradients(_Hooks):
     """Context manager: run ``forward`` + ``backward`` of a summed loss inside it, then read
-    ``vectors()``: for each unit, a (batch, k_out * k_in) float32 tensor."""
+    ``vectors()``: for each unit, a (batch, k_out * k_in) float32 tensor; and
+    ``squared_norms()``: each example's exact ||G||^2 per unit (the full gradient's, which no
+    sketch keeps: cosine and self-influence need it exactly, DESIGN.md "What a sketch must
+    keep"), or None for a tied embeddings unit, whose second use (the LM head, over the whole
+    vocabulary) would cost a vocabulary-wide Gram per token pair."""
 
     def __init__(self, model: nn.Module, projectors: list[UnitProjector]):
         super().__init__(model, [p.unit for p in projectors])
         self.projectors = {p.unit.name: p for p in projectors}
         self._phi: dict[str, torch.Tensor] = {}
+        self._sq: dict[str, torch.Tensor | None] = {}
+
+    def _exact_input(self, unit: Unit, x: torch.Tensor) -> torch.Tensor:
+        """The side x_t of G as the unit sees it: token ids (embeddings), else the features
+        with the bias's constant 1, padding zeroed."""
+        if unit.kind == "embedding":
+            return x
+        if unit.has_bias:
+            x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], -1)
+        return self._masked(x.float())
+
+    def _record_norms(self, unit: Unit, x: torch.Tensor, delta: torch.Tensor) -> None:
+        if unit.name not in self._sq:  # a tied unit's second use has marked it None already
+            self._sq[unit.name] = exact_squared_norms(x, delta)
 
     def on_unit(self, unit, x, output_hook):
         projector = self.projectors[unit.name]
+        exact_x = self._exact_input(unit, x)
         if projector.tokens_exact:
-            return self._token_rows(unit, projector, x, output_hook)
+            return self._token_rows(unit, projector, x, exact_x, output_hook)
         a = self._masked(projector.project_input(x if unit.kind == "embedding" else x.float()))
 
         def backward(delta):
-            b = projector.project_output(self._masked(delta.float()))
+            delta = self._masked(delta.float())
+            self._record_norms(unit, exact_x, delta)
+            b = projector.project_output(delta)
             phi = torch.einsum("bto,bti->boi", b, a).reshape(b.shape[0], -1)
             previous = self._phi.get(unit.name)
             self._phi[unit.name] = phi if previous is None else previous + phi
 
         output_hook(backward)
 
-    def _token_rows(self, unit, projector, token_ids, output_hook):
+    def _token_rows(self, unit, projector, token_ids, exact_x, output_hook):
         """The embeddings' exact token side: per example, each distinct token's summed
         projected output gradient (``store.token_rows``), instead of a dense vector."""
         from .store.token_rows import TokenRows
@@ -151,6 +190,7 @@ class ProjectedGradients(_Hooks):
         mask = self.mask if self.mask is not None else torch.ones_like(token_ids, dtype=torch.bool)
 
         def backward(delta):
+            self._record_norms(unit, exact_x, self._masked(delta.float()))
             b = projector.project_output(delta.float()).detach()
             rows = [(token_ids[i][mask[i]].numpy(), b[i][mask[i]].numpy()) for i in range(b.shape[0])]
             self._phi[unit.name] = TokenRows.from_lists(rows, b.shape[-1])
@@ -159,6 +199,7 @@ class ProjectedGradients(_Hooks):
 
     def on_tied_head(self, unit, hidden, logits_hook):
         projector = self.projectors[unit.name]
+        self._sq[unit.name] = None  # see the class docstring
         b = self._masked(projector.out.apply(hidden.float()))  # (batch, tokens, k_out)
 
         def backward(grad_logits):
@@ -176,9 +217,13 @@ class ProjectedGradients(_Hooks):
         phi, self._phi = self._phi, {}
         return phi
 
+    def squared_norms(self) -> dict[str, torch.Tensor | None]:
+        sq, self._sq = self._sq, {}
+        return sq
+
     def __exit__(self, *exc):
         super().__exit__(*exc)
-        self._phi = {}
+        self._phi, self._sq = {}, {}
 
 
 class CovarianceCollector(_Hooks):
@@ -257,8 +302,9 @@ def _targets(labels, batch) -> torch.Tensor | None:
 def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, list[Unit]],
                   encodings: list[dict], labels: list[int] | None, batch: list[int]):
     """One batch's per-layer vectors (units concatenated in layer order; the embeddings'
-    exact token rows as a ``TokenRows`` of the batch), losses and logits
-    (for a causal LM, per example: completion tokens and teacher-forced argmax hits).
+    exact token rows as a ``TokenRows`` of the batch), losses, logits (for a causal LM, per
+    example: completion tokens and teacher-forced argmax hits) and exact squared gradient
+    norms per layer (float64; None for a layer with a tied embeddings unit).
 
     Concatenating a layer's unit vectors makes the layer's inner product the sum of its
     units' inner products, which is that layer's influence. ``labels`` None: the encodings
@@ -273,10 +319,12 @@ def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, lis
         capture.mask = inputs["attention_mask"].bool()
         losses, logits = example_losses(loaded, inputs, targets)
         losses.sum().backward()
-        phi = capture.vectors()
+        phi, sq = capture.vectors(), capture.squared_norms()
     vectors = {name: phi[units[0].name] if _is_tokens(phi[units[0].name]) else
                torch.cat([phi[u.name] for u in units], 1).numpy() for name, units in layers.items()}
-    return vectors, losses.detach().numpy(), output_summary(loaded, inputs, logits)
+    squares = {name: None if any(sq.get(u.name) is None for u in units) else
+               sum(sq[u.name] for u in units).numpy() for name, units in layers.items()}
+    return vectors, losses.detach().numpy(), output_summary(loaded, inputs, logits), squares
 
 
 def _is_tokens(phi) -> bool:

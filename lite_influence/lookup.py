@@ -24,16 +24,19 @@ from __future__ import annotations
 import numpy as np
 
 from .aggregate import aggregate
+from .curvature import DAMPING_SCALE, layer_view
 
 
-def nearest(store, layer: str, queries, sign: float, depth: int, metric: str) -> list[np.ndarray]:
+def nearest(store, layer: str, queries, sign: float, depth: int, metric: str,
+            score: str = "gradient", damping: float = DAMPING_SCALE) -> list[np.ndarray]:
     """Per query, the ids of the ``depth`` examples of highest ``sign`` * influence, in
-    exact order. ``queries`` are prepared (``store.layer(layer).prepare``) for ``metric``."""
+    exact order. ``queries`` are prepared (``layer_view(store, layer, score).prepare``) for
+    ``metric``."""
     from .aggregate import top_order
 
     n = store.n
     depth = min(depth, n)
-    view = store.layer(layer)
+    view = layer_view(store, layer, score, damping)
     if not view.searchable(metric):  # token rows, or dot on unit rows: exact scores of all
         full = sign * view.scores(queries, metric)
         return [top_order(full[:, q], depth) for q in range(full.shape[1])]
@@ -48,11 +51,12 @@ def nearest(store, layer: str, queries, sign: float, depth: int, metric: str) ->
 
 
 def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: float, k: int,
-           agg: str, vote_p: float = 0.2, metric: str | None = None) -> list[dict]:
+           agg: str, vote_p: float = 0.2, metric: str | None = None, score: str = "gradient",
+           damping: float = DAMPING_SCALE) -> list[dict]:
     """Top-k rows (proponents: sign 1, opponents: -1) of the queries ``vectors`` (raw, layer
     -> (queries, dim), or token rows) over ``layers``, combined by ``agg``, compared by
-    ``metric`` (default: the index's); see ``InfluenceIndex.query``."""
-    candidates, scores = layer_scores(store, vectors, layers, store.check_metric(metric), k)
+    ``metric`` (default: the index's) and ``score`` (curvature.py); see ``InfluenceIndex.query``."""
+    candidates, scores = layer_scores(store, vectors, layers, store.check_metric(metric), k, score, damping)
     return ranked_rows(store, examples, scores, layers, sign, k, agg, vote_p, candidates)
 
 
@@ -63,11 +67,12 @@ def candidate_depth(k: int, n: int) -> int:
     return min(n, max(CANDIDATES, 4 * k))
 
 
-def layer_scores(store, vectors: dict, layers: list[str], metric: str, k: int = 10):
+def layer_scores(store, vectors: dict, layers: list[str], metric: str, k: int = 10,
+                 score: str = "gradient", damping: float = DAMPING_SCALE):
     """(candidates, scores): the examples' exact influence on each query, layer ->
     (candidates, queries) float64, computed once for both sides. ``candidates`` is None
     (every example, in id order) on a Flat index, else the sorted ids FAISS found."""
-    views = {layer: store.layer(layer) for layer in layers}
+    views = {layer: layer_view(store, layer, score, damping) for layer in layers}
     prepared = {layer: view.prepare(vectors[layer], metric) for layer, view in views.items()}
     if not store.approximate:
         return None, {layer: view.scores(prepared[layer], metric) for layer, view in views.items()}
@@ -78,7 +83,7 @@ def layer_scores(store, vectors: dict, layers: list[str], metric: str, k: int = 
         if view.searchable(metric):
             for sign in (1.0, -1.0):
                 found += [ids[ids >= 0] for ids in store.search(layer, sign * prepared[layer], depth)[1]]
-        else:  # the token rows: exact over all examples, their top lists join the candidates
+        else:  # token rows (or a score FAISS does not hold): exact over all, their top lists join
             full[layer] = view.scores(prepared[layer], metric)
             found += [top_order(sign * column, depth) for column in full[layer].T for sign in (1.0, -1.0)]
     candidates = np.unique(np.concatenate(found))

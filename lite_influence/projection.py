@@ -34,15 +34,15 @@ By default the word embeddings' token side is not projected at all (``token_proj
 Projection, for the figures). What follows about that side is for ``--token-dim 0`` and tied
 embeddings.
 
-A side whose dimension is not larger than k is kept exactly (identity): a 2-class head's
-output side costs 2 dims and loses nothing. The embeddings' input side (one-hot tokens) has a
-diagonal covariance (token counts), so its eigenbasis keeps the k most frequent tokens
-exactly and drops the rest. DESIGN.md expected that to be poor and chose random there; we
-measured the opposite on MiniLM/SST-2 (Spearman vs exact 0.82 against 0.04 at 64 dims):
-between two different texts the exact embedding influence lives almost entirely in the rows
-of shared frequent tokens ([CLS], [SEP], "the", ...), and random mixing of the rare tokens
-adds cross-token noise that swamps it. In ``random`` mode it stays random. A dense side too
-large for a covariance matrix (see ``MAX_COVARIANCE_DIM``) is random.
+A side no wider than k is kept exactly (the identity; a fitted side: its whole eigenbasis): a
+2-class head's output side costs 2 dims and loses nothing. The embeddings' input side (one-hot
+tokens) has a diagonal covariance (token counts), so its eigenbasis keeps the k most frequent
+tokens exactly and drops the rest. DESIGN.md expected that to be poor and chose random there;
+we measured the opposite on MiniLM/SST-2 (Spearman vs exact 0.82 against 0.04 at 64 dims):
+between two different texts the exact embedding influence lives almost entirely in the rows of
+shared frequent tokens ([CLS], [SEP], "the", ...), and random mixing of the rare tokens adds
+cross-token noise that swamps it. In ``random`` mode it stays random. A dense side too large
+for a covariance matrix (see ``MAX_COVARIANCE_DIM``) is random.
 
 Tied embeddings (a causal LM whose LM head shares them, ``Unit.tied``) are the exception: their
 vocabulary side also carries the head's logit gradients, dense over the whole vocabulary and
@@ -143,10 +143,11 @@ def random_side(dim: int, k: int, seed: int, unit_name: str, side: str) -> Side:
 
 
 def eigen_side(covariance: torch.Tensor, k: int) -> Side:
-    """Top-k eigenvectors of a covariance, signs fixed so the result is reproducible. A 1-D
-    covariance is a diagonal (token counts): its eigenvectors are the k heaviest coordinates."""
-    dim = covariance.shape[0]
-    if k >= dim:
+    """Top-k eigenvectors of a covariance, signs fixed so the result is reproducible; k >= dim
+    keeps them all (exact, and K-FAC's diagonal basis: curvature.py). A 1-D covariance is a
+    diagonal (token counts): its eigenvectors are the k heaviest coordinates, all: the identity."""
+    dim, k = covariance.shape[0], min(k, covariance.shape[0])
+    if k == dim and covariance.dim() == 1:
         return Side(None, dim)
     if covariance.dim() == 1:
         counts = covariance.double().numpy()
@@ -206,7 +207,7 @@ def hybrid_side(unit: Unit, side: str, covariance: torch.Tensor, k: int, seed: i
                 kept: int | None = None, scale: float | None = None) -> Side:
     """A fitted side with ``kept`` eigen columns (default ``hybrid_kept``) and a random
     sketch of the complement, weighted ``scale`` (default ``HYBRID_SCALE``), in the other
-    ``k - kept``; the identity when k >= dim."""
+    ``k - kept``; the whole eigenbasis (exact) when k >= dim."""
     kept = hybrid_kept(unit, side, k) if kept is None else kept
     scale = HYBRID_SCALE[_kind(unit, side)] if scale is None else scale
     if k >= covariance.shape[0] or kept >= k:

@@ -50,9 +50,10 @@ def print_query(result: dict, names: list[str]) -> None:
         console.print(f"[yellow]note[/]: -k is larger than the index; showing all {result['k']} examples.")
     score = {"vote": "votes", "rank": "mean rank", "mean": "mean score"}[result["agg"]]
     target = "completion" if lm else "label"
+    curved = ", curvature" if result.get("score") == "curvature" else ""
     for side, colour, blurb in (("proponents", "green", f"pushed towards this {target}"),
                                 ("opponents", "red", "pushed against it")):
-        table = Table(title=f"[{colour}]{side}[/]: {blurb} ({result['agg']} over {len(result['layers'])} layers, {result['metric']})",
+        table = Table(title=f"[{colour}]{side}[/]: {blurb} ({result['agg']} over {len(result['layers'])} layers, {result['metric']}{curved})",
                       expand=True, title_justify="left")
         table.add_column("id", justify="right", no_wrap=True)
         table.add_column(score, justify="right", no_wrap=True)
@@ -78,7 +79,8 @@ def print_audit(result) -> None:
     levels = [level_key(p) for p in result.levels]
     has_ndr = result.noisy is not None
     title = (f"{result.n:,} training examples, {result.n_queries} queries ({result.n_correct} predicted correctly)"
-             + (f", {int(result.noisy.sum())} known noisy" if has_ndr else ""))
+             + (f", {int(result.noisy.sum())} known noisy" if has_ndr else "")
+             + (", curvature" if getattr(result, "score", "gradient") == "curvature" else ""))
     table = Table("scope", "agg", *([c.upper() for c in levels] + ["AUC-NDR"] if has_ndr else ["top 5 most detrimental"]),
                   title=title, title_justify="left")
     best = {c: max((r[c] for r in result.table), default=None) for c in levels + ["auc_ndr"]} if has_ndr else {}

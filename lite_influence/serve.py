@@ -6,7 +6,8 @@ A process that stays up pays that once. ``serve()`` opens the indexes with the p
 ``InfluenceIndex.open``, runs one warm-up query per index (model, projection and examples are
 then cached by the index), and answers on localhost:
 
-    POST /api/query            {index, text, pair, label, completion, k, layers, agg, metric}
+    POST /api/query            {index, text, pair, label, completion, k, layers, agg, metric, score,
+                                damping}
                                -> what InfluenceIndex.query returns, plus "timings"
     POST /api/query_by_id      {index, id, ...}: the hook for explaining a training example
                                from its stored vectors; 501 until that lands
@@ -42,8 +43,10 @@ PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
          "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
          "/static/style.css": ("style.css", "text/css; charset=utf-8")}
 QUERY_FIELDS = {"index": str, "text": str, "pair": (str, type(None)), "label": (str, int, type(None)),
-                "completion": (str, type(None)), "k": int, "layers": str, "agg": str, "metric": str}
-BY_ID_FIELDS = {"index": str, "id": int, "k": int, "layers": str, "agg": str, "metric": str}
+                "completion": (str, type(None)), "k": int, "layers": str, "agg": str, "metric": str,
+                "score": str, "damping": (int, float)}
+BY_ID_FIELDS = {"index": str, "id": int, "k": int, "layers": str, "agg": str, "metric": str, "score": str,
+                "damping": (int, float)}
 
 
 # ---------------------------------------------------------------- server side
@@ -132,7 +135,7 @@ def run_query(served: Served, body) -> dict:
     body = check_fields(body, QUERY_FIELDS, ("index", "text"))
     name = body.pop("index")
     index = served.get(name)
-    options = {key: body[key] for key in ("k", "layers", "agg", "metric") if key in body}
+    options = {key: body[key] for key in ("k", "layers", "agg", "metric", "score", "damping") if key in body}
     text, pair, label, completion = (body.get(key) for key in ("text", "pair", "label", "completion"))
     if completion is not None and index.task != "causal-lm":
         raise UserError("'completion' is for causal language model indexes; this index is a classifier's (use 'label').")
@@ -171,7 +174,7 @@ def query_by_id(served: Served, body) -> dict:
     no model runs, so it needs no lock."""
     body = check_fields(body, BY_ID_FIELDS, ("index", "id"))
     get_example(served, body["index"], str(body["id"]))
-    options = {key: body[key] for key in ("k", "layers", "agg", "metric") if key in body}
+    options = {key: body[key] for key in ("k", "layers", "agg", "metric", "score", "damping") if key in body}
     return served.get(body["index"]).query_ids([body["id"]], **options)
 
 

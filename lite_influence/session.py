@@ -57,7 +57,7 @@ class Session:
         token_rows = {}  # layer -> per example (tokens, values), for exact token rows
         losses, summaries = np.zeros(n), None
         for batch in length_batches([len(e["input_ids"]) for e in encodings], batch_size):
-            batch_vectors, batch_losses, batch_summary = layer_vectors(
+            batch_vectors, batch_losses, batch_summary, _ = layer_vectors(
                 self.loaded, self.projectors, self.layers, encodings, targets, batch)
             for name in self.layers:
                 if isinstance(batch_vectors[name], np.ndarray):

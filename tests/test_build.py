@@ -100,3 +100,25 @@ def test_label_names_for_a_head_without_names_point_at_train_label_names(tmp_pat
                                         r"classes have none yet \(0 \(LABEL_0\), 1 \(LABEL_1\).*"
                                         r"lite-influence train --label-names"):
         build_index(base, train, tmp_path / "idx", projection="random")
+
+
+def test_stored_exact_norms_are_the_full_gradients_norms(bert_dir, train_tsv, tmp_path):
+    """A k=2 sketch keeps a fraction of each gradient, but the norms it stores beside it are
+    those of the whole gradient: the norms of a full-width build's vectors (which are G itself,
+    tests/test_gradients.py), and the audit's self-influence is their square."""
+    import numpy as np
+
+    small = build_index(bert_dir, train_tsv, tmp_path / "small", projection="random", proj_dim=2,
+                        token_dim=0, seed=0)
+    whole = build_index(bert_dir, train_tsv, tmp_path / "whole", projection="random", proj_dim=10_000,
+                        exact_max=10**9, token_dim=0, seed=0)
+    for layer in small.layers:
+        full = np.linalg.norm(whole.store.layer(layer).vectors(None, "dot").astype(np.float64), axis=1)
+        stored = small.store.layer(layer).exact.values()
+        np.testing.assert_allclose(stored, full, rtol=1e-4)
+        sketch = np.linalg.norm(small.store.layer(layer).vectors(None, "dot").astype(np.float64), axis=1)
+        if small.store.layer_info(layer)["dim"] < whole.store.layer_info(layer)["dim"]:  # not stored whole
+            assert not np.allclose(sketch, full, rtol=0.05)  # the sketch's own norms are not these
+        # what `info` shows as "kept": the median share of the squared norm the sketch keeps
+        assert small.store.layer(layer).kept_share() == pytest.approx(np.median((sketch / full) ** 2), rel=1e-4)
+        assert whole.store.layer(layer).kept_share() == pytest.approx(1.0, rel=1e-4)

@@ -69,7 +69,11 @@ def test_validate_raises_the_cli_error(config, words):
 
 
 def test_valid_configs_validate_and_levels_parse():
-    assert BuildConfig().validate() == BuildConfig()
+    defaults = BuildConfig().validate()  # each projection's own size, resolved and recorded
+    assert (defaults.projection, defaults.proj_dim, defaults.proj_dim_in) == ("mixed", 4, 64)
+    assert (BuildConfig(projection="pca").validate().proj_dim, BuildConfig(projection="pca").validate().proj_dim_in) == (8, None)
+    assert BuildConfig(proj_dim=16).validate().proj_dim_in is None  # a given size is square
+    assert BuildConfig(proj_dim_in=32).validate().proj_dim == 4
     assert AuditConfig(levels="10,12.5").validate().level_fractions == (0.1, 0.125)
     assert AuditConfig(aggs=" vote , rank").agg_list == ["vote", "rank"]
 

@@ -144,3 +144,62 @@ def test_exact_token_rows_equal_the_embedding_gradient_rows(k):
         stored[i, torch.from_numpy(tokens)] = torch.from_numpy(values).double()
         assert set(tokens.tolist()) == set(batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist())
     torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_norms_equal_autograd_gradient_norms_at_any_projection_size(arch):
+    """||G||^2 per example and unit is exact whatever the sketch keeps (k = 2 here), for
+    every unit kind (embeddings by token equality, a head that sees one vector, biased and
+    unbiased linears); GPT-2's tied embeddings have none (their second use is not counted)."""
+    model = tiny_classifier(arch)
+    batch, labels = random_batch(batch=5)
+    units = discover_units(model)
+    exact = exact_gradients(model, batch, labels, units)
+    with frozen(model), ProjectedGradients(model, [random_projector(u, 2, 0) for u in units]) as capture:
+        capture.mask = batch["attention_mask"].bool()
+        F.cross_entropy(model(**batch).logits, labels, reduction="sum").backward()
+        squares = capture.squared_norms()
+    for unit in units:
+        if unit.tied:
+            assert squares[unit.name] is None
+            continue
+        expected = exact[unit.name].double().flatten(1).square().sum(1)
+        torch.testing.assert_close(squares[unit.name], expected, rtol=1e-6, atol=1e-12)
+
+
+def test_exact_norms_take_either_route_to_the_same_value():
+    """The token-pair Gram route (few tokens) and the materialised-G route (many) agree."""
+    from lite_influence.gradients import exact_squared_norms
+
+    g = torch.Generator().manual_seed(0)
+    x, delta = torch.randn(3, 40, 4, generator=g), torch.randn(3, 40, 5, generator=g)  # 40 tokens: through G
+    few_x, few_delta = x[:, :2], delta[:, :2]  # 2 tokens: through the Grams
+    for xs, ds in ((x, delta), (few_x, few_delta)):
+        reference = torch.einsum("bto,bti->boi", ds.double(), xs.double()).square().sum((1, 2))
+        torch.testing.assert_close(exact_squared_norms(xs, ds), reference)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backward_stops_at_the_lowest_indexed_unit(arch):
+    """--layers late,head: the vectors are the exact gradients (full width), and no gradient is
+    computed below the late blocks: nothing under them requires grad, so autograd never runs
+    the early blocks' or the embeddings' backward."""
+    model = tiny_classifier(arch)
+    batch, labels = random_batch()
+    units = select_units(discover_units(model), "late,head")
+    assert units and {u.block for u in units} <= {2, None}
+    exact = exact_gradients(model, batch, labels, units)
+    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 3)
+    below = [model.get_input_embeddings(), blocks[0], blocks[1]]
+    seen, reached = [], []
+    handles = [m.register_forward_hook(lambda m, i, out: seen.append((out[0] if isinstance(out, tuple) else out).requires_grad))
+               for m in below]
+    handles += [m.register_full_backward_hook(lambda m, gi, go: reached.append(m)) for m in below]
+    try:
+        phi = projected(model, batch, labels, [random_projector(u, 10_000, 0) for u in units])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == 3 and not any(seen) and not reached
+    for unit in units:
+        torch.testing.assert_close(phi[unit.name], exact[unit.name].flatten(1), rtol=1e-4, atol=1e-6)

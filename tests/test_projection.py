@@ -118,8 +118,14 @@ def test_eigen_side_picks_top_eigenvectors_with_a_fixed_sign():
     again = eigen_side(torch.from_numpy(flipped @ np.diag(values) @ flipped.T), 3)
     torch.testing.assert_close(again.matrix, side.matrix, atol=1e-5, rtol=0)
     assert torch.equal(eigen_side(cov, 3).matrix, side.matrix)
-    # k >= dim keeps the side exactly
-    assert eigen_side(cov, 8).matrix is None
+    # k >= dim keeps the side exactly, in its whole eigenbasis (a rotation: curvature.py needs
+    # that basis); a diagonal covariance's whole eigenbasis is the identity
+    full = eigen_side(cov, 12)
+    assert full.k == 8 and full.matrix.shape == (8, 8)
+    np.testing.assert_allclose(full.matrix.double().numpy().T @ full.matrix.double().numpy(), np.eye(8), atol=1e-6)
+    np.testing.assert_allclose(full.eigenvalues.numpy(), values, rtol=1e-5)
+    assert torch.equal(full.matrix[:, :3], side.matrix)
+    assert eigen_side(torch.tensor([3.0, 1.0, 2.0]), 3).matrix is None
 
 
 def test_pca_projector_round_trips_through_arrays():
@@ -187,9 +193,9 @@ def test_hybrid_side_keeps_the_eigenbasis_exactly_and_sketches_only_its_compleme
     # a complement weight c < 1 scales only the sketch columns
     shrunk = hybrid_side(unit(), "out", cov, 6, 0, 3, 0.5).matrix
     assert torch.equal(shrunk[:, :3], side.matrix[:, :3]) and torch.allclose(shrunk[:, 3:], 0.5 * side.matrix[:, 3:])
-    # nothing to sketch: plain pca; k >= dim: the identity
+    # nothing to sketch: plain pca; k >= dim: the whole eigenbasis
     assert torch.equal(hybrid_side(unit(), "out", cov, 6, 0, 6).matrix, eigen_side(cov, 6).matrix)
-    assert hybrid_side(unit(), "out", cov, 12, 0).matrix is None
+    assert torch.equal(hybrid_side(unit(), "out", cov, 12, 0).matrix, eigen_side(cov, 12).matrix)
 
 
 @pytest.mark.parametrize("bias", [False, True])

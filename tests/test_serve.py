@@ -143,6 +143,19 @@ def test_the_metric_is_the_request_s_choice(client, reference):
         client.post("/api/query", json={"index": "tiny", "text": QUERY, "metric": "l2"}), 400)
 
 
+def test_the_score_is_the_request_s_choice(client, reference):
+    """--score curvature through the server: the API's answer, by text and by id; a bad score
+    is one line."""
+    for request_ in ({"text": QUERY, "k": 4, "score": "curvature"}, {"text": QUERY, "k": 4, "score": "curvature", "metric": "dot"}):
+        answer = client.post("/api/query", json={"index": "tiny", **request_}).json()
+        expected = reference.query(QUERY, **{key: v for key, v in request_.items() if key != "text"})
+        assert answer["score"] == "curvature" and [r["id"] for r in answer["proponents"]] == [r["id"] for r in expected["proponents"]]
+    by_id = client.post("/api/query_by_id", json={"index": "tiny", "id": 3, "k": 4, "score": "curvature"}).json()
+    assert by_id == json.loads(json.dumps(reference.query_ids([3], k=4, score="curvature")))
+    assert "unknown score 'ekfac'" in assert_one_line_error(
+        client.post("/api/query", json={"index": "tiny", "text": QUERY, "score": "ekfac"}), 400)
+
+
 def test_served_names_are_unique_folder_names(tmp_path):
     names = served_names([tmp_path / "a" / "idx", tmp_path / "b" / "idx", tmp_path / "c"])
     assert list(names) == ["idx", "idx-2", "c"] and names["idx-2"] == (tmp_path / "b" / "idx").resolve()

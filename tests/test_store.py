@@ -51,7 +51,8 @@ def test_manifest_and_vectors_round_trip(built):
     assert json.loads((built.path / "manifest.json").read_text()) == reopened.manifest
     assert reopened.layers == LAYERS and len(reopened) == 12
     assert sorted(f.name for f in (built.path / "layers").iterdir()) == sorted(
-        [f"{l}.{kind}" for l in FAISS_LAYERS for kind in ("faiss", "norms.npy")] + ["embeddings.tokens"])
+        [f"{l}.{kind}" for l in FAISS_LAYERS for kind in ("faiss", "norms.npy")] + ["embeddings.tokens"]
+        + [f"{l}.exact_norms.npy" for l in LAYERS])
     assert sorted(f.name for f in (built.path / "layers" / "embeddings.tokens").iterdir()) == [
         "by_token.npy", "indptr.npy", "tokens.npy", "values.npy"]
     ids = [7, 0, 11, 3]

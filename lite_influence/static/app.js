@@ -61,7 +61,7 @@ function onIndexChange() {
 function request() {
   const info = current();
   const body = {index: info.name, text: $("text").value, k: Number($("k").value), layers: $("layers").value, agg: $("agg").value,
-                metric: $("metric").value};
+                metric: $("metric").value, score: $("score").value};
   if (info.task === "causal-lm") {
     if ($("completion").value) body.completion = $("completion").value;
   } else {
@@ -128,7 +128,7 @@ async function submit(event) {
     showPrediction(result, info);
     table($("proponents"), result.proponents, result, info);
     table($("opponents"), result.opponents, result, info);
-    $("timings").textContent = `${result.agg} over ${result.layers.join(", ")} · ${result.metric} · k = ${result.k} · ` +
+    $("timings").textContent = `${result.agg} over ${result.layers.join(", ")} · ${result.metric}${result.score === "curvature" ? " · curvature" : ""} · k = ${result.k} · ` +
       `query ${result.timings.query_ms.toFixed(1)} ms on the server`;
     $("result").hidden = false;
   } catch (error) {
@@ -158,7 +158,8 @@ async function explainExample(info, id) {
   // Query by id: the example's own stored vectors are the query; no model runs.
   try {
     const result = await api("/api/query_by_id", {index: info.name, id, k: Number($("k").value), layers: $("layers").value,
-                                                  agg: $("agg").value, metric: $("metric").value});
+                                                  agg: $("agg").value, metric: $("metric").value,
+                                                  score: $("score").value});
     showError($("example-error"), null);
     showPrediction(result, info);
     table($("proponents"), result.proponents, result, info);
@@ -168,7 +169,7 @@ async function explainExample(info, id) {
   }
 }
 
-// A query can be linked to: /?index=NAME&text=...&label=...&layers=...&agg=...&metric=...&k=... runs it.
+// A query can be linked to: /?index=NAME&text=...&label=...&layers=...&agg=...&metric=...&score=...&k=... runs it.
 // A saved audit (`lite-influence audit INDEX QUERIES --save`): its NDR table with the
 // baselines, each group's detection curve (inline SVG), and the ranking with its noise flags.
 async function showAudit(info) {
@@ -223,7 +224,7 @@ function fromAddress() {
   const params = new URLSearchParams(window.location.search);
   if (params.get("index") && indexes[params.get("index")]) $("index").value = params.get("index");
   onIndexChange();
-  for (const key of ["text", "pair", "completion", "label", "layers", "agg", "metric", "k"]) {
+  for (const key of ["text", "pair", "completion", "label", "layers", "agg", "metric", "score", "k"]) {
     if (params.has(key)) $(key).value = params.get(key);
   }
   if (params.get("text")) $("query-form").requestSubmit();

@@ -15,6 +15,7 @@ from ..errors import UserError
 from .manifest import MANIFEST
 
 TRAIN_MARKER = "training.json"  # written by `lite-influence train` into every model folder
+PROJECTION_RECORD = "projection.json"  # written by `lite-influence fit` beside projection.npz
 
 
 def real(path: str | Path) -> Path:
@@ -29,7 +30,8 @@ def target(out: str | Path) -> Path:
 
 
 def kind(folder: Path) -> str:
-    """'missing', 'file', 'empty', 'index', 'model' (written by train) or 'other'."""
+    """'missing', 'file', 'empty', 'index', 'model' (written by train), 'projection'
+    (written by fit) or 'other'."""
     if not folder.exists():
         return "missing"
     if not folder.is_dir():
@@ -38,6 +40,8 @@ def kind(folder: Path) -> str:
         return "index"
     if (folder / TRAIN_MARKER).is_file() and (folder / "config.json").is_file():
         return "model"
+    if (folder / PROJECTION_RECORD).is_file():
+        return "projection"
     return "other" if any(folder.iterdir()) else "empty"
 
 
@@ -57,7 +61,8 @@ def check_out(out: Path, force: bool, protect=(), product: str = "the index") ->
         raise UserError(f"--out '{out}' exists and is not a lite-influence index; choose another "
                         "folder (--force replaces only an index, a model folder written by `train` "
                         "or an empty folder).")
-    if found in ("index", "model") and not force:
-        what = "an index" if found == "index" else "a model folder written by `train`"
+    if found in ("index", "model", "projection") and not force:
+        what = {"index": "an index", "model": "a model folder written by `train`",
+                "projection": "a projection written by `fit`"}[found]
         raise UserError(f"--out '{out}' already holds {what}; pass --force to replace it, "
                         "or choose another folder.")

@@ -59,6 +59,7 @@ LAYER_SCHEMA = {
 OPTIONAL_LAYER_SCHEMA = {  # absent in format 1 (every layer dense)
     "kind": (lambda v: v in LAYER_KINDS, f"one of {', '.join(LAYER_KINDS)}"),
     "entries": (lambda v: _int(v) and v >= 0, "a count"),
+    "exact_norms": (lambda v: isinstance(v, bool), "true or false"),  # layers/NAME.exact_norms.npy
 }
 
 

@@ -21,6 +21,7 @@ from .manifest import MANIFEST, METRICS, read_manifest
 from .views import layer_view
 
 EXAMPLE_OFFSETS = "examples.offsets.npy"  # byte offset of each row of examples.jsonl, and the end
+SHARD_ROWS = "shard_rows.npy"  # a shard index's rows as row numbers of the whole build (merge puts them there)
 SAVED_AUDIT = "audit.json"  # the last `audit --save` of this index (AuditResult.saved)
 
 

@@ -21,6 +21,7 @@ from .token_rows import TokenRows
 
 TOKEN_FILES = ("indptr", "tokens", "values")
 BY_TOKEN = "by_token.npy"  # the entries sorted by token (the posting lists), written at build
+EXACT_NORMS = "exact_norms.npy"  # layers/NAME.exact_norms.npy: each example's exact gradient norm
 
 
 def tokens_folder(root: Path, layer: str) -> Path:
@@ -53,6 +54,39 @@ def _unit_scale(norms: np.ndarray) -> np.ndarray:
     return 1 / np.where(norms > 0, norms, 1)
 
 
+class ExactNorms:
+    """Each example's exact gradient norm in the layer (``NAME.exact_norms.npy``, from builds
+    that computed them): what self-influence is and cosine could divide by. A sketch keeps
+    a varying share of each example's gradient, so its own norms are not these."""
+
+    def __init__(self, root: Path, info: dict, n: int):
+        self.file, self.n = root / "layers" / f"{info['name']}.{EXACT_NORMS}", n
+        self.stored = bool(info.get("exact_norms"))
+        self._values = None
+
+    def kept_share(self, sketch_norms, sample: int = 2000) -> float | None:
+        """The median share of an example's squared gradient norm that the stored sketch keeps
+        (over up to ``sample`` evenly spaced examples; ``sketch_norms(ids)`` gives theirs): a
+        layer kept at 0.05 is judged on a twentieth of its gradient, which ``info`` shows."""
+        exact = self.values()
+        if exact is None or not self.n:
+            return None
+        ids = np.unique(np.linspace(0, self.n - 1, min(sample, self.n)).astype(np.int64))
+        ids = ids[exact[ids] > 0]
+        return float(np.median((sketch_norms(ids) / exact[ids]) ** 2)) if ids.size else None
+
+    def values(self) -> np.ndarray | None:
+        if self.stored and self._values is None:
+            try:
+                values = np.load(self.file, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"{self.file} is missing or damaged ({type(exc).__name__}); rebuild the index.") from None
+            if values.shape != (self.n,) or not np.isfinite(values).all():
+                raise UserError(f"{self.file} does not hold {self.n} finite norms; rebuild the index.")
+            self._values = values.astype(np.float64)
+        return self._values
+
+
 class DenseLayer:
     """A FAISS layer. Format 2 stores unit rows in FAISS (what cosine and every ANN index
     search) and each example's norm beside them (``NAME.norms.npy``), so both metrics are
@@ -64,6 +98,7 @@ class DenseLayer:
     def __init__(self, root: Path, info: dict, n: int, holds: str):
         self.file, self.dim, self.n, self.holds = root / "layers" / f"{info['name']}.faiss", info["dim"], n, holds
         self.norms_file = root / "layers" / f"{info['name']}.norms.npy"
+        self.exact = ExactNorms(root, info, n)
         self._index = self._norms = None
 
     @property
@@ -135,6 +170,9 @@ class DenseLayer:
     def squared_norms(self, metric: str) -> np.ndarray:
         return (self.norms() > 0).astype(np.float64) if metric == "cosine" else self.norms() ** 2
 
+    def kept_share(self) -> float | None:
+        return None if self.holds == "unit" else self.exact.kept_share(lambda ids: self.norms()[ids])
+
 
 class TokenLayer:
     """The embeddings' exact token rows, stored raw: cosine divides by the norms."""
@@ -145,6 +183,7 @@ class TokenLayer:
     def __init__(self, root: Path, info: dict, n: int, holds: str = "raw"):
         self.folder, self.dim, self.n = tokens_folder(root, info["name"]), info["dim"], n
         self.entries = info.get("entries")
+        self.exact = ExactNorms(root, info, n)
         self._rows = self._norms = None
 
     def searchable(self, metric: str) -> bool:
@@ -200,6 +239,9 @@ class TokenLayer:
 
     def squared_norms(self, metric: str) -> np.ndarray:
         return (self.norms() > 0).astype(np.float64) if metric == "cosine" else finite(self.norms() ** 2, self.folder)
+
+    def kept_share(self) -> float | None:
+        return self.exact.kept_share(lambda ids: self.rows(ids).norms())
 
 
 def layer_view(root: Path, info: dict, n: int, holds: str):

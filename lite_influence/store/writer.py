@@ -39,9 +39,9 @@ from .faiss_layers import make_faiss_index, row_norms, write_faiss
 from .guard import check_out, target
 from .lock import BuildLock
 from .manifest import MANIFEST, problem
-from .reader import EXAMPLE_OFFSETS, read_projection
+from .reader import EXAMPLE_OFFSETS, SHARD_ROWS, read_projection
 from .token_rows import by_token
-from .views import BY_TOKEN, TOKEN_FILES, tokens_folder
+from .views import BY_TOKEN, EXACT_NORMS, TOKEN_FILES, tokens_folder
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -135,6 +135,13 @@ class IndexWriter:
         with self._disk():
             return np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=(n,))
 
+    def exact_norms_file(self, layer: str, n: int) -> np.memmap:
+        """Each example's exact gradient norm in the layer (n float32, ``NAME.exact_norms.npy``):
+        what cosine divides by and self-influence is, which no sketch keeps."""
+        self._started()
+        return self._build_array(self.partial / "vectors" / f"{layer}.{EXACT_NORMS}", np.float32, (n,),
+                                 f"the exact gradient norms of layer {layer}")
+
     def vector_file(self, layer: str, n: int, dim: int) -> np.memmap:
         """The layer's (n x dim) float32 matrix on disk, created (with its space reserved, so a
         full disk shows now rather than as a crash mid-build) or reopened for resuming."""
@@ -202,6 +209,12 @@ class IndexWriter:
     def read_projection(self) -> dict[str, np.ndarray]:
         return read_projection(self.partial / "projection.npz")
 
+    def write_array(self, name: str, array: np.ndarray) -> None:
+        """Another array of the index (a shard's row numbers), staged with it."""
+        self._started()
+        with self._disk():
+            write_file(self.partial / name, lambda tmp: _save_npy(tmp, np.asarray(array)))
+
     # -- finishing ------------------------------------------------------------------------
 
     def commit(self, manifest: dict, on_layer=None) -> Path:
@@ -211,7 +224,20 @@ class IndexWriter:
         if issue:
             raise ValueError(f"the manifest to write is invalid: {issue}")
         with self._disk():
-            stage = self._stage(manifest, on_layer)
+            return self.install(self._stage(manifest, on_layer))
+
+    def fresh_stage(self) -> Path:
+        """An empty ``index/`` in the partial folder, for a caller that stages the index itself
+        (``combine``: rows gathered from other indexes), then ``install``s it."""
+        self._started()
+        stage = self.partial / "index"
+        remove(stage)
+        (stage / "layers").mkdir(parents=True)
+        return stage
+
+    def install(self, stage: Path) -> Path:
+        """Swap a staged index into place, then remove the partial folder and release the lock."""
+        with self._disk():
             swap_folder(stage, self.out)
             remove(self.partial)  # holds the old index now (or nothing); ours to delete
         self.close()
@@ -221,12 +247,15 @@ class IndexWriter:
         stage = self.partial / "index"
         remove(stage)  # a stage a kill left, or the old index a previous swap put there
         (stage / "layers").mkdir(parents=True)
-        for name in ("examples.jsonl", EXAMPLE_OFFSETS, "projection.npz", LOSSES):
+        for name in ("examples.jsonl", EXAMPLE_OFFSETS, "projection.npz", LOSSES, SHARD_ROWS):
             if (self.partial / name).is_file():
                 _link(self.partial / name, stage / name)
         for number, layer in enumerate(manifest["layers"]):
             if on_layer:
                 on_layer(number, len(manifest["layers"]))
+            if layer.get("exact_norms"):
+                _link(self.partial / "vectors" / f"{layer['name']}.{EXACT_NORMS}",
+                      stage / "layers" / f"{layer['name']}.{EXACT_NORMS}")
             if layer.get("kind") == "tokens":
                 folder = tokens_folder(stage, layer["name"])
                 folder.mkdir()

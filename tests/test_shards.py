@@ -1,0 +1,112 @@
+"""Sharded builds: fit once, build shards with --projection-from, merge; the merged index must
+be the single build, file for file (the projection is shared, so bit for bit)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+OPTIONS = dict(projection="pca", proj_dim=2, batch_size=3, layers="all", fit_examples=8)
+
+
+def same_files(a, b):
+    """Every file of two indexes equal byte for byte (the manifest apart: paths and seconds)."""
+    files = sorted(str(f.relative_to(a)) for f in a.rglob("*") if f.is_file())
+    assert files == sorted(str(f.relative_to(b)) for f in b.rglob("*") if f.is_file())
+    different = [f for f in files if f != "manifest.json" and (a / f).read_bytes() != (b / f).read_bytes()]
+    assert not different, different
+    return files
+
+
+def comparable(manifest):
+    drop = ("build_seconds", "merged_from", "history")
+    return {**{k: v for k, v in manifest.items() if k not in drop},
+            "build": {k: v for k, v in manifest["build"].items() if k not in ("projection_from", "shard")}}
+
+
+def test_fit_shards_and_merge_give_the_single_build(bert_dir, train_tsv, tmp_path):
+    from lite_influence import build_index
+    from lite_influence.fitting import fit_projection
+    from lite_influence.shards import merge_shards
+
+    single = build_index(bert_dir, train_tsv, tmp_path / "single", **OPTIONS)
+    proj = fit_projection(bert_dir, train_tsv, tmp_path / "proj", **OPTIONS)
+    shards = [build_index(bert_dir, train_tsv, tmp_path / f"shard{i}", shard=f"{i}/3", projection_from=str(proj),
+                          **OPTIONS) for i in (2, 0, 1)]
+    assert sorted(s.manifest["shard"]["index"] for s in shards) == [0, 1, 2]
+    assert sum(len(s) for s in shards) == len(single) == 12
+    merged = merge_shards([s.path for s in shards], tmp_path / "merged")
+    files = same_files(single.path, merged)
+    assert "layers/embeddings.tokens/values.npy" in files and "losses.npy" in files
+    assert any(f.endswith(".norms.npy") for f in files)
+    manifest = json.loads((merged / "manifest.json").read_text())
+    assert comparable(manifest) == comparable(single.manifest)
+    # the independent check: each shard's rows are the single build's rows at its row numbers
+    for shard in shards:
+        rows = np.load(shard.path / "shard_rows.npy")
+        for layer in single.layers:
+            if single.store.layer(layer).kind == "dense":
+                assert np.array_equal(shard.vectors(layer), single.vectors(layer, rows))
+        assert np.array_equal(shard.store.losses(), single.store.losses()[rows])
+        assert [r["text"] for r in shard.examples] == [single.examples[i]["text"] for i in rows]
+
+
+def test_merge_refuses_shards_that_do_not_make_one_build(bert_dir, train_tsv, tmp_path, capsys):
+    from lite_influence import build_index
+
+    proj = tmp_path / "proj"
+    assert run_cli(capsys, "fit", bert_dir, train_tsv, "--out", proj, "--projection", "pca", "--proj-dim", "2")[0] == 0
+    common = ("--projection", "pca", "--proj-dim", "2", "--projection-from", proj)
+    for i in (0, 1):
+        assert run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / f"s{i}", "--shard", f"{i}/2",
+                       "--batch-size", "4", *common)[0] == 0
+    code, _, error = run_cli(capsys, "merge", tmp_path / "s0", "--out", tmp_path / "m")
+    assert code == 1 and "shards 1 of 2 are missing" in error
+    code, _, error = run_cli(capsys, "merge", tmp_path / "s0", tmp_path / "s0", "--out", tmp_path / "m")
+    assert code == 1 and "given twice" in error
+    build_index(bert_dir, train_tsv, tmp_path / "other", shard="1/2", batch_size=4, projection="pca", proj_dim=2,
+                projection_from=str(proj), seed=0, max_length=32)
+    code, _, error = run_cli(capsys, "merge", tmp_path / "s0", tmp_path / "other", "--out", tmp_path / "m")
+    assert code == 1 and "the build options" in error
+    assert not (tmp_path / "m").exists()
+    code, _, error = run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "x", "--projection", "pca", "--proj-dim", "4",
+                             "--projection-from", proj)
+    assert code == 1 and "--proj-dim 2" in error and not (tmp_path / "x").exists()
+    assert run_cli(capsys, "merge", tmp_path / "s1", tmp_path / "s0", "--out", tmp_path / "m")[0] == 0
+
+
+def test_a_shard_with_no_batch_is_refused(bert_dir, train_tsv, tmp_path, capsys):
+    code, _, error = run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "s", "--shard", "4/5",
+                             "--batch-size", "4", "--projection", "random")
+    assert code == 1 and "only 3 batches" in error
+    code, _, error = run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "s", "--shard", "2/2")
+    assert code == 1 and "--shard must be i/n" in error
+
+
+def test_an_interrupted_shard_resumes_alone(bert_dir, train_tsv, tmp_path):
+    """A shard stopped mid-pass continues with --resume (its own partial folder), and ends as
+    the shard an uninterrupted run gives; the other shard is not touched."""
+    from lite_influence import build_index
+
+    options = dict(projection="random", proj_dim=2, batch_size=2, shard="1/2")
+    other = build_index(bert_dir, train_tsv, tmp_path / "s0", **{**options, "shard": "0/2"})
+    before = (other.path / "manifest.json").stat().st_mtime_ns
+    whole = build_index(bert_dir, train_tsv, tmp_path / "whole", **options)
+
+    def stop(stage, done, total):
+        if stage == "gradients" and done >= 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_index(bert_dir, train_tsv, tmp_path / "s1", progress=stop, **options)
+    assert (tmp_path / ".s1.partial").is_dir() and not (tmp_path / "s1").exists()
+    passes = []
+    build_index(bert_dir, train_tsv, tmp_path / "s1", resume=True, **options,
+                progress=lambda stage, done, total: passes.append(done) if stage == "gradients" else None)
+    assert passes and min(passes) > 2  # it went on from where it stopped
+    same_files(whole.path, tmp_path / "s1")
+    assert (other.path / "manifest.json").stat().st_mtime_ns == before
