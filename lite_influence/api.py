@@ -186,7 +186,7 @@ class InfluenceIndex:
                 warning: str | None) -> dict:
         """The result of ``query`` and ``query_ids``: the queries described, then the top-k
         proponents and opponents of their vectors over ``layers``."""
-        from .lookup import layer_scores, ranked_rows
+        from .lookup import lookup_scores, ranked_rows
 
         k = min(config.k, len(self))
         metric = self.store.check_metric(config.metric)
@@ -194,7 +194,7 @@ class InfluenceIndex:
                   "agg": config.agg, "metric": metric, "score": config.score,
                   **({"damping": config.damping} if config.score == "curvature" else {}), "layers": layers, "k": k,
                   "k_clamped": config.k > len(self), "warning": warning}
-        candidates, scores = layer_scores(self.store, vectors, layers, metric, k, config.score, config.damping)
+        candidates, scores = lookup_scores(self.store, vectors, layers, metric, k, config.score, config.damping)
         if candidates is not None:  # an ANN index: say what was ranked (lookup.py)
             result.update(approximate=self.store.manifest["index_factory"], candidates=len(candidates))
         for side, sign in (("proponents", 1.0), ("opponents", -1.0)):

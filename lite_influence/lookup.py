@@ -56,7 +56,7 @@ def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: 
     """Top-k rows (proponents: sign 1, opponents: -1) of the queries ``vectors`` (raw, layer
     -> (queries, dim), or token rows) over ``layers``, combined by ``agg``, compared by
     ``metric`` (default: the index's) and ``score`` (curvature.py); see ``InfluenceIndex.query``."""
-    candidates, scores = layer_scores(store, vectors, layers, store.check_metric(metric), k, score, damping)
+    candidates, scores = lookup_scores(store, vectors, layers, store.check_metric(metric), k, score, damping)
     return ranked_rows(store, examples, scores, layers, sign, k, agg, vote_p, candidates)
 
 
@@ -67,16 +67,25 @@ def candidate_depth(k: int, n: int) -> int:
     return min(n, max(CANDIDATES, 4 * k))
 
 
-def layer_scores(store, vectors: dict, layers: list[str], metric: str, k: int = 10,
-                 score: str = "gradient", damping: float = DAMPING_SCALE):
-    """(candidates, scores): the examples' exact influence on each query, layer ->
-    (candidates, queries) float64, computed once for both sides. ``candidates`` is None
-    (every example, in id order) on a Flat index, else the sorted ids FAISS found."""
+def layer_scores(store, vectors: dict, layers: list[str], metric: str,
+                 score: str = "gradient", damping: float = DAMPING_SCALE) -> dict[str, np.ndarray]:
+    """Every stored example's exact influence on each query: layer -> (N, queries) float64,
+    computed once for both the proponents and the opponents."""
+    views = {layer: layer_view(store, layer, score, damping) for layer in layers}
+    return {layer: view.scores(view.prepare(vectors[layer], metric), metric) for layer, view in views.items()}
+
+
+def lookup_scores(store, vectors: dict, layers: list[str], metric: str, k: int = 10,
+                  score: str = "gradient", damping: float = DAMPING_SCALE):
+    """(candidates, scores) of a lookup: ``layer_scores`` on a Flat index (candidates None:
+    every example, in id order), else the exact scores, layer -> (candidates, queries), of
+    the sorted ids FAISS found (module docstring)."""
+    if not store.approximate:
+        return None, layer_scores(store, vectors, layers, metric, score, damping)
+    from .aggregate import top_order
+
     views = {layer: layer_view(store, layer, score, damping) for layer in layers}
     prepared = {layer: view.prepare(vectors[layer], metric) for layer, view in views.items()}
-    if not store.approximate:
-        return None, {layer: view.scores(prepared[layer], metric) for layer, view in views.items()}
-    from .aggregate import top_order
 
     depth, found, full = candidate_depth(k, store.n), [], {}
     for layer, view in views.items():

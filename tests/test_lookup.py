@@ -185,13 +185,13 @@ def test_approximate_lookup_that_finds_every_example_equals_the_flat_one(tmp_pat
 def test_approximate_lookup_ranks_its_candidates_by_exact_scores(tmp_path):
     """Past the search depth (N = 400 > 100 candidates) the rows come from FAISS's candidates,
     each with its exact float64 cosine, mean-aggregated exactly as numpy does on them."""
-    from lite_influence.lookup import candidate_depth, layer_scores, lookup
+    from lite_influence.lookup import candidate_depth, lookup, lookup_scores
 
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(400, 8)).astype(np.float32)
     store = write_store(tmp_path, vectors, metric="cosine", factory="HNSW16")
     query = rng.normal(size=(1, 8)).astype(np.float32)
-    candidates, _ = layer_scores(store, {"layer": query}, ["layer"], "cosine", 5)
+    candidates, _ = lookup_scores(store, {"layer": query}, ["layer"], "cosine", 5)
     assert candidate_depth(5, 400) == 100 and 100 <= len(candidates) <= 200
     units = vectors.astype(np.float64) / np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
     exact = units @ (query[0] / np.linalg.norm(query[0]))

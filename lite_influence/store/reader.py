@@ -86,7 +86,7 @@ class IndexStore:
     @property
     def approximate(self) -> bool:
         """An ANN index (HNSW, IVF, PQ, SQ...): a lookup's candidates come from FAISS and are
-        re-scored exactly (``lookup.layer_scores``), so an example FAISS misses is missed."""
+        re-scored exactly (``lookup.lookup_scores``), so an example FAISS misses is missed."""
         return approximate(self.manifest["index_factory"])
 
     @property
