@@ -63,6 +63,15 @@ class Cluster:
         if not dist.is_initialized():
             dist.init_process_group("gloo", timeout=TIMEOUT)
 
+    def stop(self) -> None:
+        """Tear the group down before the process exits: gloo's threads left running at exit
+        abort the process ("terminate called without an active exception", SIGABRT) after
+        its work is done, which torchrun reports as a failed rank."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     def gather(self, value) -> list:
         """Every rank's ``value``, in rank order, on every rank."""
         import torch.distributed as dist
@@ -95,6 +104,13 @@ def build_distributed(cluster: Cluster, model, train_file, out, config, *, force
                       progress=None):
     """Steps 1-3 of the module docstring, on this rank; the merged index on every rank."""
     cluster.start()
+    try:
+        return _build_on_rank(cluster, model, train_file, out, config, force, resume, progress)
+    finally:
+        cluster.stop()
+
+
+def _build_on_rank(cluster: Cluster, model, train_file, out, config, force, resume, progress):
     progress = progress if cluster.rank == 0 else None
     check_out(target(out), force, [model, train_file])  # before hours of work, not after
     folder = shards_folder(out)
