@@ -365,8 +365,16 @@ def _warnings_as_lines():
         yield
 
 
+# OpenMP threads that sleep when idle instead of spinning: with two busy processes on this
+# machine's 2 cores a 300-row MiniLM build took 13 s instead of 23-38 s; unloaded it costs
+# 1.05-1.25x (benchmarks/results/thread_policy.md). Set before torch loads OpenMP, and only when
+# the user has not chosen (OMP_WAIT_POLICY=ACTIVE restores spinning).
+WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors onto exit codes 1 (user error), 2 (bug), 130 (Ctrl-C)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     try:
         with _warnings_as_lines():
             code = app(args=argv, standalone_mode=False)
