@@ -173,6 +173,8 @@ def info(
                       render.human(size))
     console.print(table)
     console.print("groups: " + "; ".join(f"{g}: {', '.join(ls)}" for g, ls in m["groups"].items()))
+    for line in render.lineage(m):
+        console.print(shown(line))
 
 
 @app.command(epilog="Examples:\n\n  lite-influence query runs/index --text \"a gorgeous, witty film\" -k 5\n\n"

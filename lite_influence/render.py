@@ -104,3 +104,22 @@ def human(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return str(size)
+
+
+def lineage(manifest: dict) -> list[str]:
+    """How an index came to be beyond one build, a line each: the shard it is, the shards it
+    was merged from, and every add and delete since (``info``)."""
+    lines = []
+    if "shard" in manifest:
+        shard = manifest["shard"]
+        lines.append(f"shard {shard['index']} of {shard['count']} ({manifest['n']:,} of {shard['rows']:,} rows); "
+                     "join the shards with `lite-influence merge`")
+    if manifest.get("merged_from"):
+        lines.append(f"merged from {len(manifest['merged_from'])} shards")
+    for entry in manifest.get("history", []):
+        if entry.get("op") == "add":
+            lines.append(f"{entry.get('at', '')}: added {entry['rows']:,} rows (ids from {entry['first_id']:,}) "
+                         f"from {entry['file']}")
+        elif entry.get("op") == "delete":
+            lines.append(f"{entry.get('at', '')}: deleted {entry['removed']:,} rows ({entry['selector']})")
+    return lines

@@ -58,6 +58,7 @@ def test_add_equals_a_fresh_build_with_the_same_projection(bert_dir, train_tsv, 
     from lite_influence.data import fingerprint_file
 
     assert grown.manifest["history"][0]["fingerprint"] == fingerprint_file(new)
+    assert f"added 4 rows (ids from 8) from {new.resolve()}" in " ".join(run_cli(capsys, "info", tmp_path / "idx")[1].split())
     after = grown.store.projection_arrays()
     assert all(np.array_equal(projection[k], after[k]) for k in projection)  # not refitted
     assert not any(p.name.startswith(".idx") for p in tmp_path.iterdir())  # no partial or lock left
@@ -81,6 +82,10 @@ def test_delete_equals_a_fresh_build_of_the_rows_kept(bert_dir, train_tsv, tmp_p
     left = InfluenceIndex.open(tmp_path / "idx")
     assert len(left) == labels.count(1) and all(row["label"] == 1 for row in left.examples)
     assert [row["id"] for row in left.examples] == list(range(len(left)))
+    code, out, _ = run_cli(capsys, "info", tmp_path / "idx")  # what happened to it, in order
+    assert code == 0
+    said = [line for line in out.splitlines() if "deleted" in line]
+    assert len(said) == 2 and "deleted 2 rows" in said[0] and "label=negative" in said[1]
 
 
 def test_bad_deletes_are_one_line_and_change_nothing(bert_dir, train_tsv, tmp_path, capsys):

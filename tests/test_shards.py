@@ -77,6 +77,9 @@ def test_merge_refuses_shards_that_do_not_make_one_build(bert_dir, train_tsv, tm
                              "--projection-from", proj)
     assert code == 1 and "--proj-dim 2" in error and not (tmp_path / "x").exists()
     assert run_cli(capsys, "merge", tmp_path / "s1", tmp_path / "s0", "--out", tmp_path / "m")[0] == 0
+    shard_info = " ".join(run_cli(capsys, "info", tmp_path / "s1")[1].split())
+    assert "shard 1 of 2" in shard_info and "lite-influence merge" in shard_info
+    assert "merged from 2 shards" in " ".join(run_cli(capsys, "info", tmp_path / "m")[1].split())
 
 
 def test_a_shard_with_no_batch_is_refused(bert_dir, train_tsv, tmp_path, capsys):
