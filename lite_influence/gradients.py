@@ -155,11 +155,7 @@ class ProjectedGradients(_Hooks):
     def _exact_input(self, unit: Unit, x: torch.Tensor) -> torch.Tensor:
         """The side x_t of G as the unit sees it: token ids (embeddings), else the features
         with the bias's constant 1, padding zeroed."""
-        if unit.kind == "embedding":
-            return x
-        if unit.has_bias:
-            x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], -1)
-        return self._masked(x.float())
+        return x if unit.kind == "embedding" else self._masked(unit.with_bias(x.float()))
 
     def _record_norms(self, unit: Unit, x: torch.Tensor, delta: torch.Tensor) -> None:
         if unit.name not in self._sq:  # a tied unit's second use has marked it None already
@@ -250,11 +246,7 @@ class CovarianceCollector(_Hooks):
         if unit.kind == "embedding" and self.fitted(unit, "in"):
             self._add_counts(unit, x)
         elif self.fitted(unit, "in"):
-            x = self._masked(x.float())
-            if unit.has_bias:
-                ones = self._masked(x.new_ones(x.shape[:-1] + (1,)))
-                x = torch.cat([x, ones], -1)
-            self._add(unit, "in", x)
+            self._add(unit, "in", self._masked(unit.with_bias(x.float())))
         if self.fitted(unit, "out"):
             output_hook(lambda delta: self._add(unit, "out", self._masked(delta.float())))
         else:

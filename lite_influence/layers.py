@@ -67,6 +67,15 @@ class Unit:
     def layer(self) -> str:
         return self.role if self.block is None else f"block{self.block}"
 
+    def with_bias(self, x):
+        """Input features (..., in) as the weight gradient sees them: with the bias's constant
+        1 appended when the unit has a bias (its gradient is G's last column)."""
+        if not self.has_bias:
+            return x
+        import torch
+
+        return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], -1)
+
 
 def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     config = model.config

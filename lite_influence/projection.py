@@ -114,7 +114,7 @@ class UnitProjector:
         if self.unit.kind == "embedding":
             return self._embedding_rows(x)
         if self.inp.matrix is None:
-            return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], -1) if self.unit.has_bias else x
+            return self.unit.with_bias(x)
         if self.unit.has_bias:
             return x @ self.inp.matrix[:-1] + self.inp.matrix[-1]
         return x @ self.inp.matrix

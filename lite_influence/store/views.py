@@ -50,6 +50,18 @@ def _chunked_product(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return out
 
 
+def per_example(file: Path, n: int, what: str) -> np.ndarray:
+    """A layer's per-example float array beside its vectors, checked: n finite values (float64),
+    or one line naming the file."""
+    try:
+        values = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{file} is missing or damaged ({type(exc).__name__}); rebuild the index.") from None
+    if values.shape != (n,) or not np.isfinite(values).all():
+        raise UserError(f"{file} does not hold {n} finite {what}; rebuild the index.")
+    return values.astype(np.float64)
+
+
 def _unit_scale(norms: np.ndarray) -> np.ndarray:
     return 1 / np.where(norms > 0, norms, 1)
 
@@ -77,13 +89,7 @@ class ExactNorms:
 
     def values(self) -> np.ndarray | None:
         if self.stored and self._values is None:
-            try:
-                values = np.load(self.file, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise UserError(f"{self.file} is missing or damaged ({type(exc).__name__}); rebuild the index.") from None
-            if values.shape != (self.n,) or not np.isfinite(values).all():
-                raise UserError(f"{self.file} does not hold {self.n} finite norms; rebuild the index.")
-            self._values = values.astype(np.float64)
+            self._values = per_example(self.file, self.n, "norms")
         return self._values
 
 
@@ -120,14 +126,7 @@ class DenseLayer:
             if self.holds != "unit+norms":  # format 1: the rows themselves (raw, or unit for cosine)
                 self._norms = np.linalg.norm(self._stored().astype(np.float64), axis=1)
             else:
-                try:
-                    norms = np.load(self.norms_file, allow_pickle=False)
-                except (OSError, ValueError) as exc:
-                    raise UserError(f"{self.norms_file} is missing or damaged ({type(exc).__name__}); "
-                                    "rebuild the index.") from None
-                if norms.shape != (self.n,) or not np.isfinite(norms).all():
-                    raise UserError(f"{self.norms_file} does not hold {self.n} finite norms; rebuild the index.")
-                self._norms = norms.astype(np.float64)
+                self._norms = per_example(self.norms_file, self.n, "norms")
         return self._norms
 
     def _stored(self, ids=None) -> np.ndarray:
