@@ -252,6 +252,7 @@ def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims,
     from .layers import count_blocks, discover_units, group_layers
 
     n_blocks = count_blocks(discover_units(loaded.model))
+    exact = set(exact_norm_layers(layers))
     layer_blocks = {name: us[0].block if len({u.block for u in us}) == 1 else None
                     for name, us in layers.items()}
     return {
@@ -271,7 +272,7 @@ def _manifest(loaded, model_dir, train_file, examples, layers, projectors, dims,
         "layers": [
             {"name": name, "dim": dims[name], "block": layer_blocks[name],
              **({"kind": "tokens", "entries": entries[name]} if name in entries else {}),
-             **({"exact_norms": True} if name in exact_norm_layers(layers) else {}),
+             **({"exact_norms": True} if name in exact else {}),
              "units": [{"name": u.name, "kind": u.kind, "role": u.role, "params": list(u.params),
                         "in_dim": u.in_dim, "out_dim": u.out_dim,
                         "k_in": projectors[u.name].inp.k, "k_out": projectors[u.name].out.k}
