@@ -23,6 +23,7 @@ from rich.table import Table
 
 from .config import AuditConfig, BuildConfig, QueryConfig, ServeConfig, TrainConfig, cli_parameters
 from . import render
+from . import process
 from .errors import InputWarning, UserError
 from .progress import reporting
 from .render import console
@@ -367,16 +368,9 @@ def _warnings_as_lines():
         yield
 
 
-# OpenMP threads that sleep when idle instead of spinning: with two busy processes on this
-# machine's 2 cores a 300-row MiniLM build took 13 s instead of 23-38 s; unloaded it costs
-# 1.05-1.25x (benchmarks/results/thread_policy.md). Set before torch loads OpenMP, and only when
-# the user has not chosen (OMP_WAIT_POLICY=ACTIVE restores spinning).
-WAIT_POLICY = "PASSIVE"
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps errors onto exit codes 1 (user error), 2 (bug), 130 (Ctrl-C)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    process.quiet_threads()
     try:
         with _warnings_as_lines():
             code = app(args=argv, standalone_mode=False)
@@ -385,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except UserError as exc:  # escaped: paths, texts and regexes may hold [brackets]
         err.print(f"[red]error:[/] {shown(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        process.leave(1)
     except (KeyboardInterrupt, click.Abort, typer.Abort):
         err.print(f"[yellow]interrupted[/]: {_interrupted(argv if argv is not None else sys.argv[1:])}")
         sys.exit(130)
@@ -395,4 +389,5 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[red]internal error:[/] {type(exc).__name__}: {shown(str(exc))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(2)
-    sys.exit(code if isinstance(code, int) else 0)
+    process.leave(code if isinstance(code, int) else 0)
+
