@@ -74,9 +74,9 @@ AGG_KEYS = ("mean", "rank", "vote", "mean-c", "rank-c", "vote-c")
 METRICS = ("dot", "cosine")
 PROJECTIONS = ("random", "pca", "mixed")
 SOURCES = ("random", "pca", "mixed", "exact")  # the projections, and the exact reference
-# sizes per projection other than --proj-dim per side: mixed is 64 input x 4 output dims per
-# unit (benchmarks/results/projection_candidates_asymmetric.md: `random x pca k=64x4`)
-PROJECTION_SIZES = {"mixed": {"proj_dim": 4, "proj_dim_in": 64}}
+# sizes per projection other than --proj-dim per side: mixed at the library's own default
+# (BuildConfig: 32 input dims, output width by --energy 0.8; benchmarks/results/sketch_ndr.md)
+PROJECTION_SIZES = {"mixed": {"proj_dim": None}}
 LEVELS = (0.1, 0.2, 0.3)
 STATS = ("ndr@10", "ndr@20", "ndr@30", "auc_ndr")
 GROUP_ORDER = ("embeddings", "early", "middle", "late", "head", "all")

@@ -225,7 +225,7 @@ def sources(units, covariances, args) -> dict[str, dict[str, object]]:
         if keeps_tokens(u, d.token_dim):
             return sketches.TokensExact(u, token_projector(d.projection, u, d.token_dim, args.seed, covariances[u.name]).out)
         return fitted_projector(d.projection, u, unit_k(u, d.proj_dim, args.exact_max, d.proj_dim_in), args.seed,
-                                covariances[u.name])
+                                covariances[u.name], d.energy, d.proj_dim_max)
 
     out = {DEFAULT: {u.name: default(u) for u in units}}
     for spec in args.specs:

@@ -153,8 +153,7 @@ def info(
     summary = Table(show_header=False, box=None)
     for key, value in (("model", m["model"]["path"]), ("task", m["model"]["task"]),
                        ("examples", f"{m['n']:,}"), ("labels", ", ".join(m["label_names"])),
-                       ("projection", f"{m['build']['projection']}, " + (f"{m['build']['proj_dim']} per side" if m["build"].get("proj_dim_in") in (None, m["build"]["proj_dim"])
-                                       else f"{m['build']['proj_dim_in']} in x {m['build']['proj_dim']} out")),
+                       ("projection", render.projection_summary(m)),
                        ("metric", f"{m['metric']} by default; answers {' and '.join(store.metrics)}"),
                        ("FAISS", m["index_factory"] + (" (approximate: a lookup ranks FAISS's candidates, re-scored exactly)"
                                                         if store.approximate else " (exact)")),

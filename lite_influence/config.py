@@ -78,7 +78,7 @@ class ModelOptions(Options):
 
 # (output-side dims, input-side dims) of a projection when --proj-dim is not given: mixed at
 # 64 x 4 (benchmarks/results/projection_candidates_asymmetric.md, planted_backdoor.md)
-PROJECTION_SIZES = {"mixed": (4, 64)}
+PROJECTION_SIZES = {"mixed": (4, 32)}
 
 
 @dataclass
@@ -88,9 +88,11 @@ class BuildConfig(ModelOptions, Columns):
     layers: str = option("attention", "Which units to index: attention (embeddings, attention linears, head), mlp, all, a group (early, middle, late, embeddings, head), a layer (block3) or a regex over module names; comma-separated.")
     granularity: str = option("layer", "One index per transformer block ('layer') or per weight matrix ('unit').")
     projection: str = option("mixed", "mixed: a seeded random input side and the eigenbasis output side (finds planted rare causes about as a 16x16 random projection does, at the fidelity of the eigenbasis; README, Projection); pca: fitted Kronecker eigenbasis on both sides (best average fidelity and exact EK-FAC for --score curvature, but it drops rare causes); hybrid: input side half eigenbasis, half an unbiased sketch of the rest; random: seeded Gaussian (needs no fitting pass).")
-    proj_dim: int | None = option(None, "Dims kept per side of each weight matrix (a unit stores k_in x k_out numbers); default: the projection's own size, 4 output x 64 input dims for mixed (a BERT block of 4 attention matrices: 1,024), 8 x 8 for the others (256).")
-    proj_dim_in: int | None = option(None, "Dims kept on each weight matrix's input (activation) side when it differs from --proj-dim, which then sizes the output (gradient) side (mixed: 64 unless --proj-dim is given).")
-    token_dim: int = option(64, "Word embeddings: their token side is kept exactly (sparse rows: each example keeps this many numbers per distinct token, so a rare token is never mixed with others); 0 projects them like any unit (--proj-dim per side).")
+    proj_dim: int | None = option(None, "Dims kept per side of each weight matrix (a unit stores k_in x k_out numbers); default: the projection's own size, for mixed 32 input dims x at least 4 output dims (widened by --energy: 4-64 per matrix, MiniLM's attention blocks 900-4,400 dims), 8 x 8 for the others (256 per BERT attention block).")
+    proj_dim_in: int | None = option(None, "Dims kept on each weight matrix's input (activation) side when it differs from --proj-dim, which then sizes the output (gradient) side (mixed: 32 unless --proj-dim is given).")
+    energy: float = option(0.8, "mixed: each weight matrix's output side keeps the fewest eigen directions that hold this share of the fit sample's output-gradient energy (at least --proj-dim, at most --proj-dim-max), so every layer's sketch keeps a like share of its gradients (MiniLM: 4-64 dims per matrix, most in the early blocks; README, Projection); 0 keeps exactly --proj-dim.")
+    proj_dim_max: int = option(64, "mixed with --energy: the most output-side dims a weight matrix may keep.")
+    token_dim: int = option(192, "Word embeddings: their token side is kept exactly (sparse rows: each example keeps this many numbers per distinct token, so a rare token is never mixed with others); 0 projects them like any unit (--proj-dim per side).")
     exact_max: int = option(1024, "A weight matrix with one side no wider than --proj-dim and at most this many numbers is stored exactly, not projected (a 2-class head of a 384-wide model: 770 numbers); 0 projects everything.")
     fit_examples: int = option(256, "Training examples used to fit the pca eigenbasis (one extra forward/backward pass over them).")
     metric: str = option("cosine", "The metric queries and audits use unless they pass --metric: cosine (normalised gradients, best for lookup) or dot (raw TracIn inner products, the paper's score); every index answers both, and approximate (non-Flat) FAISS indexes search by cosine.")
@@ -126,6 +128,11 @@ class BuildConfig(ModelOptions, Columns):
             self.proj_dim_in = default_in if self.proj_dim_in is None else self.proj_dim_in
         _at_least(self, ("proj_dim", "batch_size", "max_length", "fit_examples"), 1)
         _at_least(self, ("exact_max", "seed", "token_dim"), 0)
+        _at_least(self, ("proj_dim_max",), 1)
+        if not 0 <= self.energy <= 1:
+            raise UserError(f"--energy must be a share between 0 and 1 (e.g. 0.8; 0 turns it off), got {self.energy}")
+        if self.projection != "mixed":
+            self.energy = 0.0  # it sizes mixed's output side only; recorded as what the index used
         _at_least(self, ("limit", "num_labels", "proj_dim_in"), 1, optional=True)
         if self.num_labels == 1:
             raise UserError("--num-labels must be at least 2: a classifier with one class learns nothing.")

@@ -31,7 +31,9 @@ from .store.guard import PROJECTION_RECORD, check_out
 from .store.lock import BuildLock
 from .store.reader import read_projection
 
-PROJECTION_FIELDS = ("projection", "proj_dim", "proj_dim_in", "token_dim", "exact_max", "seed")
+PROJECTION_FIELDS = ("projection", "proj_dim", "proj_dim_in", "energy", "proj_dim_max", "token_dim", "exact_max", "seed")
+# What a projection fitted before an option existed was built with (an older index or fit).
+LEGACY_FIELDS = {"exact_max": 0, "token_dim": 0, "energy": 0.0, "proj_dim_max": 64}
 PROJECTION_ARRAYS = "projection.npz"
 
 
@@ -43,7 +45,7 @@ def make_projector(unit, config: BuildConfig, covariances=None):
         return token_projector(config.projection, unit, config.token_dim, config.seed, covariances)
     k = unit_k(unit, config.proj_dim, config.exact_max, config.proj_dim_in)
     return random_projector(unit, k, config.seed) if covariances is None else \
-        fitted_projector(config.projection, unit, k, config.seed, covariances)
+        fitted_projector(config.projection, unit, k, config.seed, covariances, config.energy, config.proj_dim_max)
 
 
 def fit_projectors(loaded, units, encodings, labels, config: BuildConfig, progress, cluster=None) -> list:
@@ -75,7 +77,7 @@ def read_source(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     root = Path(path)
     if is_index(root):
         manifest = IndexStore.open(root).manifest
-        record = {"model": manifest["model"], "config": {"exact_max": 0, "token_dim": 0, **manifest["build"]},
+        record = {"model": manifest["model"], "config": {**LEGACY_FIELDS, **manifest["build"]},
                   "units": [u["name"] for layer in manifest["layers"] for u in layer["units"]]}
     elif (root / PROJECTION_RECORD).is_file():
         try:
@@ -96,7 +98,7 @@ def check_source(path, record: dict, config: BuildConfig, fingerprint: str, unit
         raise UserError(f"--projection-from '{path}' was fitted on another model (fingerprint differs); "
                         "fit it with this model (`lite-influence fit`).")
     for name in PROJECTION_FIELDS:
-        then, now = record["config"].get(name), getattr(config, name)
+        then, now = record["config"].get(name, LEGACY_FIELDS.get(name)), getattr(config, name)
         if then != now:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"--projection-from '{path}' was fitted with {flag} {then}, this build asks for "

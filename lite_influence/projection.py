@@ -62,6 +62,7 @@ import torch
 
 from .errors import UserError
 from .layers import MAX_COVARIANCE_DIM, Unit
+from .sizes import clamp_note, energy_k, mixed_k_out, per_side, stored_whole, unit_dim, unit_k  # noqa: F401 (re-exported)
 
 PROJECTIONS = ("random", "pca", "hybrid", "mixed")
 FITTED = ("pca", "hybrid", "mixed")  # projections fitted in a pass over the data and stored in the index
@@ -224,60 +225,6 @@ def pca_fits(unit: Unit, side: str) -> bool:
     return (unit.in_dim if side == "in" else unit.out_dim) <= MAX_COVARIANCE_DIM
 
 
-def per_side(k) -> tuple[int, int]:
-    """(k_in, k_out) of a size given as one number for both sides or as a pair."""
-    return (k, k) if isinstance(k, int) else (int(k[0]), int(k[1]))
-
-
-def stored_whole(unit: Unit, proj_dim: int, exact_max: int = 0, proj_dim_in: int | None = None) -> bool:
-    """A matrix with one side already no wider than the projection (kept exactly anyway) and
-    at most ``exact_max`` numbers in all: a classifier head, a small LoRA matrix. Storing those
-    whole costs little, and the projection of their other side was the only thing lost."""
-    widest = max(proj_dim, proj_dim_in or proj_dim)
-    return min(unit.in_dim, unit.out_dim) <= widest and unit.in_dim * unit.out_dim <= exact_max
-
-
-def unit_k(unit: Unit, proj_dim: int, exact_max: int = 0, proj_dim_in: int | None = None):
-    """Dims kept per side of a unit: ``proj_dim`` on both, or (``proj_dim_in``, ``proj_dim``)
-    when the input side has its own size, or all of them when ``stored_whole``. A side no
-    wider than its k is the identity (``Side``), so it keeps min(k, width) dims."""
-    if stored_whole(unit, proj_dim, exact_max, proj_dim_in):
-        return max(unit.in_dim, unit.out_dim)
-    return proj_dim if proj_dim_in in (None, proj_dim) else (proj_dim_in, proj_dim)
-
-
-def unit_dim(unit: Unit, proj_dim: int, exact_max: int = 0, proj_dim_in: int | None = None) -> int:
-    """Numbers one example's vector holds for this unit, as its projector will have them."""
-    k_in, k_out = per_side(unit_k(unit, proj_dim, exact_max, proj_dim_in))
-    return min(k_in, unit.in_dim) * min(k_out, unit.out_dim)
-
-
-def clamp_note(units: list[Unit], layers: dict[str, list[Unit]], proj_dim: int, exact_max: int,
-               hidden: int | None, proj_dim_in: int | None = None) -> str | None:
-    """One line when a side's size is wider than sides of the model's width, which are then
-    kept at their full width (the identity: exact, but fewer dims than asked for); None
-    otherwise. Only sides at least ``hidden`` wide count: a head's class side (2 < 8) or a LoRA
-    rank side narrower than proj_dim is the documented, expected case, not a request cut
-    short; units stored whole by --exact-max are what that option asks for. Said at build
-    time, before the fitting pass, with the dims the index will store."""
-    if not hidden:
-        return None
-    k_in, k_out = proj_dim_in or proj_dim, proj_dim
-    clamped = [u for u in units if not stored_whole(u, proj_dim, exact_max, proj_dim_in)
-               and (hidden <= u.in_dim < k_in or hidden <= u.out_dim < k_out)]
-    if not clamped:
-        return None
-    blocks = {name: us for name, us in layers.items() if name == f"block{us[0].block}"}
-    scope, where = (blocks, "block") if blocks else (layers, "layer")
-    sizes = sorted({(sum(unit_dim(u, proj_dim, exact_max, proj_dim_in) for u in us), len(us) * k_in * k_out)
-                    for us in scope.values()})
-    (low, asked), (high, _) = sizes[0], sizes[-1]
-    stored = f"{low:,} dims per {where} instead of {asked:,}" if len(sizes) == 1 else f"{low:,}-{high:,} dims per {where}"
-    flag = f"--proj-dim {proj_dim}" if k_in == k_out else f"--proj-dim-in {k_in} / --proj-dim {k_out}"
-    return (f"{flag} exceeds the sides of {len(clamped)} unit{'s' * (len(clamped) > 1)} "
-            f"(hidden {hidden}); they are stored at their full width, {stored}.")
-
-
 def keeps_tokens(unit: Unit, token_dim: int) -> bool:
     """Whether a unit's token side is kept exactly (``token_rows``): the word embeddings
     with ``token_dim`` > 0, unless an LM head shares them (its use is dense over the whole
@@ -322,11 +269,15 @@ def pca_projector(unit: Unit, k, seed: int, covariances: dict[str, torch.Tensor]
     return UnitProjector(unit, sides["in"], sides["out"])
 
 
-def mixed_projector(unit: Unit, k, seed: int, covariances: dict[str, torch.Tensor]) -> UnitProjector:
-    """Seeded random input side, eigenbasis output side (module docstring)."""
+def mixed_projector(unit: Unit, k, seed: int, covariances: dict[str, torch.Tensor],
+                    energy: float = 0.0, k_max: int = 0) -> UnitProjector:
+    """Seeded random input side, eigenbasis output side (module docstring), its width set by
+    ``mixed_k_out``."""
     k_in, k_out = per_side(k)
-    out = eigen_side(covariances["out"], k_out) if "out" in covariances else \
-        random_side(unit.out_dim, k_out, seed, unit.name, "out")
+    if "out" in covariances:
+        out = eigen_side(covariances["out"], mixed_k_out(covariances["out"], k_out, energy, k_max))
+    else:
+        out = random_side(unit.out_dim, k_out, seed, unit.name, "out")
     return UnitProjector(unit, random_side(unit.in_dim, k_in, seed, unit.name, "in"), out)
 
 
@@ -344,10 +295,13 @@ def hybrid_projector(unit: Unit, k, seed: int, covariances: dict[str, torch.Tens
     return UnitProjector(unit, sides["in"], sides["out"])
 
 
-def fitted_projector(kind: str, unit: Unit, k, seed: int,
-                     covariances: dict[str, torch.Tensor]) -> UnitProjector:
-    """The projector of a fitted projection (``FITTED``) from the unit's covariances."""
-    make = {"hybrid": hybrid_projector, "mixed": mixed_projector}.get(kind, pca_projector)
+def fitted_projector(kind: str, unit: Unit, k, seed: int, covariances: dict[str, torch.Tensor],
+                     energy: float = 0.0, k_max: int = 0) -> UnitProjector:
+    """The projector of a fitted projection (``FITTED``) from the unit's covariances;
+    ``energy`` and ``k_max`` size mixed's output side (``mixed_k_out``)."""
+    if kind == "mixed":
+        return mixed_projector(unit, k, seed, covariances, energy, k_max)
+    make = hybrid_projector if kind == "hybrid" else pca_projector
     return make(unit, k, seed, covariances)
 
 

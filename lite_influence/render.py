@@ -123,3 +123,22 @@ def lineage(manifest: dict) -> list[str]:
         elif entry.get("op") == "delete":
             lines.append(f"{entry.get('at', '')}: deleted {entry['removed']:,} rows ({entry['selector']})")
     return lines
+
+
+def projection_summary(manifest: dict) -> str:
+    """The projection as built: its kind and the widths its projected matrices kept (mixed's
+    output widths vary by matrix under --energy, so a range, with the share that set them)."""
+    build = manifest["build"]
+    projected = [u for layer in manifest["layers"] if layer.get("kind") != "tokens" for u in layer["units"]
+                 if (u.get("k_in"), u.get("k_out")) != (u.get("in_dim"), u.get("out_dim"))]
+    if not projected or "k_out" not in projected[0]:
+        side = build["proj_dim"] if build.get("proj_dim_in") in (None, build["proj_dim"]) else None
+        return f"{build['projection']}, " + (f"{side} per side" if side else
+                                             f"{build['proj_dim_in']} in x {build['proj_dim']} out")
+    ins, outs = sorted({u["k_in"] for u in projected}), sorted({u["k_out"] for u in projected})
+    width = lambda ks: f"{ks[0]}" if len(ks) == 1 else f"{ks[0]}-{ks[-1]}"  # noqa: E731
+    energy = build.get("energy") or 0
+    note = f" (output sides hold {energy:.0%} of their gradient energy)" if energy and len(outs) > 1 else ""
+    if ins == outs and len(ins) == 1:
+        return f"{build['projection']}, {ins[0]} per side"
+    return f"{build['projection']}, {width(ins)} in x {width(outs)} out{note}"

@@ -13,7 +13,7 @@ from lite_influence.errors import UserError
 def test_manifest_records_the_build_config_once(bert_dir, train_tsv, tmp_path):
     index = build_index(bert_dir, train_tsv, tmp_path / "idx", projection="random", proj_dim=3, seed=4)
     manifest = index.manifest
-    assert manifest["build"] == BuildConfig(projection="random", proj_dim=3, seed=4).to_dict()
+    assert manifest["build"] == BuildConfig(projection="random", proj_dim=3, seed=4).validate().to_dict()
     assert not {"seed", "proj_dim", "projection", "granularity"} & set(manifest)
     assert manifest["n"] == 12 and manifest["model"]["task"] == "classification"
     dense = [layer for layer in manifest["layers"] if layer.get("kind") != "tokens"]

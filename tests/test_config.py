@@ -70,7 +70,7 @@ def test_validate_raises_the_cli_error(config, words):
 
 def test_valid_configs_validate_and_levels_parse():
     defaults = BuildConfig().validate()  # each projection's own size, resolved and recorded
-    assert (defaults.projection, defaults.proj_dim, defaults.proj_dim_in) == ("mixed", 4, 64)
+    assert (defaults.projection, defaults.proj_dim, defaults.proj_dim_in, defaults.energy) == ("mixed", 4, 32, 0.8)
     assert (BuildConfig(projection="pca").validate().proj_dim, BuildConfig(projection="pca").validate().proj_dim_in) == (8, None)
     assert BuildConfig(proj_dim=16).validate().proj_dim_in is None  # a given size is square
     assert BuildConfig(proj_dim_in=32).validate().proj_dim == 4

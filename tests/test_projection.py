@@ -330,3 +330,42 @@ def test_a_mixed_build_reproduces_its_vectors_through_the_session(bert_dir, trai
     rows = [line.split("\t") for line in train_tsv.read_text().splitlines()[1:]]
     grads = Session(index.manifest, index.store).gradients([r[0] for r in rows], labels=[int(r[1]) for r in rows])
     np.testing.assert_allclose(grads.vectors["block1"], index.vectors("block1"), rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_output_width_follows_the_energy_rule():
+    """--energy E: mixed's output side keeps the fewest eigenvectors that hold E of the output
+    covariance's trace (numpy's cumulative eigenvalues), never fewer than --proj-dim nor more
+    than --proj-dim-max; those columns are the top eigenvectors, and the width round-trips
+    through the index's arrays. --energy 0 keeps exactly --proj-dim."""
+    from lite_influence.projection import fitted_projector
+
+    u = unit(bias=True, n_out=10)
+    a = np.random.default_rng(1).normal(size=(60, 10)) * np.linspace(3, 0.2, 10)
+    cov = torch.from_numpy(a.T @ a)
+    values = np.sort(np.linalg.eigvalsh(a.T @ a))[::-1]
+    held = np.cumsum(values) / values.sum()
+    widths = set()
+    for energy in (0.3, 0.6, 0.9, 0.99):
+        want = int(np.argmax(held >= energy)) + 1
+        p = fitted_projector("mixed", u, (6, 1), 0, {"out": cov}, energy, 64)
+        assert p.out.k == want and p.dim == 6 * want
+        assert torch.allclose(p.out.matrix, eigen_side(cov, want).matrix)
+        assert fitted_projector("mixed", u, (6, 1), 0, {"out": cov}, energy, 3).out.k == min(want, 3)
+        assert fitted_projector("mixed", u, (6, 4), 0, {"out": cov}, energy, 64).out.k == max(want, 4)
+        (back,) = from_arrays([u], 1, 0, to_arrays([p]), "mixed", proj_dim_in=6)
+        assert torch.equal(back.out.matrix, p.out.matrix)
+        widths.add(want)
+    assert len(widths) >= 3  # the rule really moved the width
+    assert fitted_projector("mixed", u, (6, 3), 0, {"out": cov}, 0.0, 64).out.k == 3
+
+
+def test_energy_is_a_share_and_only_mixed_uses_it():
+    from lite_influence.config import BuildConfig
+
+    for bad in (-0.1, 1.5):
+        with pytest.raises(UserError, match="--energy must be a share between 0 and 1"):
+            BuildConfig(energy=bad).validate()
+    assert BuildConfig(projection="pca", energy=0.8).validate().energy == 0.0
+    assert BuildConfig(projection="mixed", energy=0.5).validate().energy == 0.5
+    with pytest.raises(UserError, match="--proj-dim-max must be at least 1"):
+        BuildConfig(proj_dim_max=0).validate()

@@ -113,3 +113,27 @@ def test_an_interrupted_shard_resumes_alone(bert_dir, train_tsv, tmp_path):
     assert passes and min(passes) > 2  # it went on from where it stopped
     same_files(whole.path, tmp_path / "s1")
     assert (other.path / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_a_shared_projection_must_have_been_fitted_with_the_same_energy(bert_dir, train_tsv, tmp_path, capsys):
+    """--energy sizes mixed's output sides, so shards must share it: a fit with another share is
+    refused in one line naming it, and a fit written before the option existed counts as
+    --energy 0 (what it was: fixed widths)."""
+    proj = tmp_path / "proj"
+    options = ("--projection", "mixed", "--proj-dim", "2", "--proj-dim-in", "3")
+    assert run_cli(capsys, "fit", bert_dir, train_tsv, "--out", proj, *options, "--energy", "0.5")[0] == 0
+    code, _, error = run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "x", *options,
+                             "--projection-from", proj)
+    assert code == 1 and "--energy 0.5" in error and not (tmp_path / "x").exists()
+    assert run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "ok", *options, "--energy", "0.5",
+                   "--projection-from", proj)[0] == 0
+    old = tmp_path / "old"
+    assert run_cli(capsys, "fit", bert_dir, train_tsv, "--out", old, *options, "--energy", "0")[0] == 0
+    record = json.loads((old / "projection.json").read_text())
+    del record["config"]["energy"], record["config"]["proj_dim_max"]
+    (old / "projection.json").write_text(json.dumps(record))
+    assert run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "y", *options, "--energy", "0",
+                   "--projection-from", old)[0] == 0
+    code, _, error = run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "z", *options,
+                             "--projection-from", old)
+    assert code == 1 and "--energy 0.0" in error
