@@ -57,7 +57,7 @@ def check_count(value, lora: bool) -> None:
 def span_ends(total: int, k: int) -> list[int]:
     """The step (1-based) that ends each of ``k`` equal spans of ``total`` optimiser steps."""
     if k > total:
-        raise UserError(f"--checkpoints {k} is more than the {total} optimiser steps of this run; "
+        raise UserError(f"--checkpoints {k} is more than the {total} optimiser step(s) of this run; "
                         f"pass at most {total}, or train for more steps.")
     return [round(j * total / k) for j in range(1, k + 1)]
 
