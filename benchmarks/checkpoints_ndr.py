@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from curvature_ndr import timed  # noqa: E402  (value, seconds, load average at the start)
 from ndr_sst2 import DATA, minilm_path, sst2_files  # noqa: E402  (the same data preparation)
 
 RESULTS = HERE / "results"
@@ -57,13 +57,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def timed(fn):
-    load = os.getloadavg()[0]
-    start = time.perf_counter()
-    value = fn()
-    return value, round(time.perf_counter() - start, 2), round(load, 2)
-
-
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -83,13 +76,17 @@ def trained(args, files: dict) -> Path:
 def built(args, model: Path, which: str, steps: dict):
     from lite_influence import InfluenceIndex, build_index
 
-    folder = args.work / f"index-{which}"
-    if (folder / "manifest.json").is_file():
+    folder, record = args.work / f"index-{which}", args.work / f"build-{which}.json"
+    if (folder / "manifest.json").is_file() and record.is_file():  # built by an earlier run: its timing
+        steps.update(json.loads(record.read_text()))
         return InfluenceIndex.open(folder)
     log(f"building --checkpoints {which}")
-    index, steps[f"build {which} s"], steps[f"build {which} load"] = timed(lambda: build_index(
+    index, seconds, load = timed(lambda: build_index(
         model, model / "train_used.tsv", folder, force=True, metric="dot", checkpoints=which,
         batch_size=args.batch_size))
+    timing = {f"build {which} s": seconds, f"build {which} load": load}
+    record.write_text(json.dumps(timing))
+    steps.update(timing)
     return index
 
 

@@ -228,3 +228,20 @@ def test_a_damaged_checkpoints_entry_is_refused_at_open(combined, tmp_path):
     with pytest.raises(UserError, match="checkpoints\\[0\\].*positive weight"):
         InfluenceIndex.open(index)
     assert math.isfinite(combined.manifest["checkpoints"][0]["weight"])
+
+
+def test_the_server_answers_a_checkpoint_index_as_the_python_api(combined):
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from lite_influence.serve import Served, create_app
+
+    with TestClient(create_app(Served([combined.path]))) as client:
+        response = client.post("/api/query", json={"index": combined.path.name, "text": "good movie", "k": 5,
+                                                   "agg": "mean", "metric": "dot"})
+    assert response.status_code == 200, response.text
+    expected = InfluenceIndex.open(combined.path).query("good movie", k=5, agg="mean", metric="dot")
+    got = response.json()
+    assert [r["id"] for r in got["proponents"]] == [r["id"] for r in expected["proponents"]]
+    np.testing.assert_allclose([r["score"] for r in got["proponents"]], [r["score"] for r in expected["proponents"]],
+                               rtol=1e-6)
