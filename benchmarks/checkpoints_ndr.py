@@ -15,10 +15,13 @@ epoch is the model, and the K checkpoints end K equal spans of its steps). Then,
 2. ``audit`` of the influence set on groups (embeddings, early, middle, late, head, all) x
    rank, vote, mean, for dot and cosine: the last checkpoint alone, each earlier checkpoint
    alone (its sub-index) and the learning-rate-weighted sum; each timed;
-3. NDR@30 / AUC-NDR of every row, the training-loss baseline, and the time ratios (build, audit)
-   of the sum against the last checkpoint alone.
+3. one query's wall time (``-k 10``, defaults): the first (loading the model, or every
+   checkpoint's model) and the median of 5 warm ones;
+4. NDR@30 / AUC-NDR of every row, the training-loss baseline, and the time ratios (build,
+   query, audit) of the sum against the last checkpoint alone.
 
-Stages are cached in ``--work`` (model, indexes), so a rerun after a kill continues. Writes
+Stages are cached in ``--work`` (model, indexes, and each build's timing beside them: a rerun
+reports the timing of the run that built the index), so a rerun after a kill continues. Writes
 ``checkpoints_ndr.json`` and ``.md`` into ``--out-dir``.
 """
 
@@ -34,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from curvature_ndr import timed  # noqa: E402  (value, seconds, load average at the start)
-from ndr_sst2 import DATA, minilm_path, sst2_files  # noqa: E402  (the same data preparation)
+from ndr_sst2 import DATA, minilm_path, sst2_files, tiny_files, tiny_model  # noqa: E402  (the same data)
 
 RESULTS = HERE / "results"
 GROUPS = ("embeddings", "early", "middle", "late", "head", "all")
@@ -52,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--metrics", default="dot,cosine")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--train-only", action="store_true", help="stop after training (to start it early)")
+    parser.add_argument("--tiny", action="store_true", help="tiny random BERT, 64 synthetic rows (smoke test)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default="checkpoints_ndr")
     return parser.parse_args(argv)
@@ -67,8 +71,9 @@ def trained(args, files: dict) -> Path:
     model = args.work / "model"
     if (model / "checkpoints.json").is_file():
         return model
-    log(f"training MiniLM on {args.n} rows, {args.epochs} epochs, --checkpoints {args.checkpoints}")
-    train_model(minilm_path(), files["train"], model, force=True, noise=0.2, seed=args.seed, epochs=args.epochs,
+    log(f"training on {args.n} rows, {args.epochs} epochs, --checkpoints {args.checkpoints}")
+    base = tiny_model(args.work / "tiny-base") if args.tiny else minilm_path()
+    train_model(base, files["train"], model, force=True, noise=0.2, seed=args.seed, epochs=args.epochs,
                 checkpoints=args.checkpoints, batch_size=args.batch_size)
     return model
 
@@ -103,6 +108,18 @@ def audited(index, queries: Path, args, name: str, steps: dict, rows: dict) -> d
     return baselines
 
 
+def query_times(index, queries: Path, name: str, steps: dict, rounds: int = 5) -> None:
+    """One query's wall time with the library's defaults (-k 10): the first (it loads the
+    model of every checkpoint), then the median of ``rounds`` warm ones on other texts."""
+    from lite_influence.data import read_rows
+
+    texts = [row["sentence"] for row in read_rows(queries)[0][: rounds + 1]]
+    _, steps[f"query {name} first s"], steps[f"query {name} first load"] = timed(lambda: index.query(texts[0], k=10))
+    warm = [timed(lambda: index.query(text, k=10)) for text in texts[1:]]
+    steps[f"query {name} warm s"] = sorted(seconds for _, seconds, _ in warm)[len(warm) // 2]
+    steps[f"query {name} warm load"] = warm[0][2]
+
+
 def main(argv=None) -> dict:
     import torch
 
@@ -111,20 +128,23 @@ def main(argv=None) -> dict:
 
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    files = sst2_files(args.work, args.n, args.seed, args.data)
+    files = tiny_files(args.work, args.n, args.seed) if args.tiny else sst2_files(args.work, args.n, args.seed, args.data)
     model = trained(args, files)
     if args.train_only:
         return {}
     steps, rows = {}, {}
     last = built(args, model, "last", steps)
     combined = built(args, model, "all", steps)
+    query_times(last, files["queries"], "last alone", steps)
+    query_times(InfluenceIndex.open(combined.path), files["queries"], "lr-weighted sum", steps)
     baselines = audited(last, files["queries"], args, "last alone", steps, rows)
     for entry in combined.manifest["checkpoints"][:-1]:
         sub = InfluenceIndex.open(combined.path / entry["index"])
         audited(sub, files["queries"], args, f"{entry['name']} alone", steps, rows)
     audited(combined, files["queries"], args, "lr-weighted sum", steps, rows)
-    ratios = {key: round(steps[f"{key} all s"] / steps[f"{key} last s"], 2)
-              for key in ("build",) if f"build all s" in steps and "build last s" in steps}
+    ratios = {"build": round(steps["build all s"] / steps["build last s"], 2)}
+    for kind in ("first", "warm"):
+        ratios[f"query {kind}"] = round(steps[f"query lr-weighted sum {kind} s"] / steps[f"query last alone {kind} s"], 2)
     for metric in args.metrics.split(","):
         ratios[f"audit {metric}"] = round(steps[f"audit lr-weighted sum {metric} s"] / steps[f"audit last alone {metric} s"], 2)
     results = {"n": len(combined), "setup": vars(args) | {"work": str(args.work), "data": str(args.data),
@@ -142,7 +162,7 @@ def main(argv=None) -> dict:
 def markdown(results: dict) -> str:
     combos = list(results["rows"])
     keys = list(next(iter(results["rows"].values())))
-    weights = ", ".join(f"{c['name']} (steps {c['first_step']}-{c['step']}, mean lr {c['lr']:.3g})"
+    weights = ", ".join(f"{c['name']} (ends step {c['step']}, mean lr {c['lr']:.3g}, weight {c['weight']:.3g})"
                         for c in results["checkpoints"])
     lines = [f"# TracIn-CP (lr-weighted sum of checkpoints) vs the last checkpoint: NDR@30 / AUC-NDR, N = {results['n']}",
              "", f"Command: `python benchmarks/checkpoints_ndr.py {' '.join(results['argv'])}`", "",
@@ -155,7 +175,7 @@ def markdown(results: dict) -> str:
         if name in ("training loss", "random"):
             lines.append(f"| baseline: {name} (last model) | " + " | ".join(
                 [f"{values['ndr@30']:.3f} / {values['auc_ndr']:.3f}"] * len(combos)) + " |")
-    lines += ["", "Time ratios (sum of checkpoints / last alone, measured in this run): " + json.dumps(results["ratios"]),
+    lines += ["", "Time ratios (sum of checkpoints / last alone; queries and audits measured in this run, builds in the run that built the indexes): " + json.dumps(results["ratios"]),
               "", "Steps (seconds, load average at their start): " + json.dumps(results["steps"])]
     return "\n".join(lines) + "\n"
 

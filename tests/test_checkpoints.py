@@ -245,3 +245,20 @@ def test_the_server_answers_a_checkpoint_index_as_the_python_api(combined):
     assert [r["id"] for r in got["proponents"]] == [r["id"] for r in expected["proponents"]]
     np.testing.assert_allclose([r["score"] for r in got["proponents"]], [r["score"] for r in expected["proponents"]],
                                rtol=1e-6)
+
+
+def test_the_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "checkpoints_ndr.py"
+    spec = importlib.util.spec_from_file_location("checkpoints_ndr", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--tiny", "--n", "64", "--epochs", "1", "--work", str(tmp_path / "work"),
+                          "--out-dir", str(tmp_path / "out"), "--batch-size", "8"])
+    assert [c["name"] for c in results["checkpoints"]] == ["checkpoint-1", "checkpoint-2", "final"]
+    assert set(results["rows"]) == {f"{name} {metric}" for metric in ("dot", "cosine") for name in
+                                    ("last alone", "checkpoint-1 alone", "checkpoint-2 alone", "lr-weighted sum")}
+    assert all(0 <= cell["ndr@30"] <= 1 for row in results["rows"].values() for cell in row.values())
+    assert results["ratios"]["build"] > 0 and (tmp_path / "out" / "checkpoints_ndr.md").is_file()
