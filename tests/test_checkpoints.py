@@ -262,3 +262,22 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
                                     ("last alone", "checkpoint-1 alone", "checkpoint-2 alone", "lr-weighted sum")}
     assert all(0 <= cell["ndr@30"] <= 1 for row in results["rows"].values() for cell in row.values())
     assert results["ratios"]["build"] > 0 and (tmp_path / "out" / "checkpoints_ndr.md").is_file()
+
+
+def test_a_build_killed_in_a_checkpoints_commit_resumes_to_the_uninterrupted_index(trained, combined, tmp_path):
+    """kill -9 as the first staged index is renamed into place: checkpoint-1's own commit,
+    inside the build's partial folder (the kill points of a commit: test_crash_safety.py)."""
+    import test_crash_safety as crash
+
+    out = tmp_path / "idx"
+    options = [trained, trained / "train_used.tsv", "--out", out, "--batch-size", str(BATCH), "--fit-examples", "6"]
+    assert crash.build_cli(options, kill_at="renamed into place").returncode == 137
+    partial = out.parent / f".{out.name}.partial"
+    assert not out.exists() and (partial / "checkpoints" / "checkpoint-1" / "manifest.json").is_file()
+    assert not (partial / "checkpoints" / "checkpoint-2").exists()
+    resumed = crash.build_cli([*options, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    for entry in combined.manifest["checkpoints"]:
+        a, b = (InfluenceIndex.open(root / entry["index"]) for root in (out, combined.path))
+        for layer in a.layers:
+            assert np.array_equal(dense_rows(a, layer), dense_rows(b, layer)), (entry["name"], layer)
