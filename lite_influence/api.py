@@ -118,8 +118,11 @@ class InfluenceIndex:
         ``completions`` their completions; a completion of None means the model's greedy
         continuation of up to ``max_new_tokens`` tokens.
         """
-        return self.session().gradients(texts, pairs, labels, batch_size, completions=completions,
-                                        max_new_tokens=max_new_tokens)
+        from .tracin import checkpoint_gradients
+
+        grads = self.session().gradients(texts, pairs, labels, batch_size, completions=completions,
+                                         max_new_tokens=max_new_tokens)
+        return checkpoint_gradients(self, grads, texts, pairs, batch_size, max_new_tokens)
 
     def query(self, text: str | list[str], pair: str | list[str] | None = None, label=None,
               config: QueryConfig | None = None, *, completion: str | list | None = None, **options) -> dict:
@@ -174,7 +177,9 @@ class InfluenceIndex:
         if not ids or bad:
             raise UserError(f"--id must name training examples 0..{len(self) - 1}; got {bad or 'none'}.")
         layers = self.resolve_layers(config.layers)
-        vectors = {layer: self.store.layer(layer).rows(ids) for layer in layers}
+        from .curvature import layer_view
+
+        vectors = {layer: layer_view(self.store, layer).rows(ids) for layer in layers}  # every checkpoint's
         losses = self.store.losses()
         rows = {i: self.store.table[i] for i in ids}
         queries = [{"id": i, "text": rows[i].get("text"), "pair": rows[i].get("pair"),

@@ -6,6 +6,8 @@ transformers are imported inside the functions, so importing this module stays l
 build options are recorded once, as ``manifest["build"]`` (``BuildConfig.to_dict()``); the
 top-level ``metric`` and ``index_factory`` are the store's own (it writes and searches FAISS
 with them), and a resumed build must match the whole record (``IndexWriter.resume_point``).
+A model folder with checkpoints (``train --checkpoints K``) is indexed at each one
+(``tracin.py``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from . import __version__
+from . import __version__, checkpoints
 from .config import BuildConfig
 from .data import fingerprint_file, with_label_ids
-from .errors import InputWarning
+from .errors import InputWarning, UserError
 from .fitting import fit_projectors, make_projector, shared_projectors
 from .shards import SHARD_ROWS, shard_manifest
 from .store import FORMAT_VERSION, IndexStore, IndexWriter, resolve_factory
@@ -40,15 +42,23 @@ def build_index(model: str | Path, train_file: str | Path, out: str | Path,
     """
     config = replace(config or BuildConfig(), **options).validate()
     from .distributed import Cluster, build_distributed
+    from .tracin import build_checkpoints, refuse_unsupported
 
+    chosen = checkpoints.chosen(model, config.checkpoints)  # [] but for TracIn-CP (tracin.py)
+    if chosen:
+        refuse_unsupported(config)
     cluster = Cluster.from_env()
     if cluster is not None and config.shard is None:
+        if chosen:
+            raise UserError("a build over checkpoints runs in one process; drop torchrun, or pass --checkpoints last.")
         return build_distributed(cluster, model, train_file, out, config, force=force, resume=resume,
                                  progress=progress)
     progress = progress or (lambda stage, done, total: None)
     writer = IndexWriter(out, force=force, resume=resume, protect=[model, train_file])
     try:
         manifest = _build(Path(model), Path(train_file), writer, config, progress)
+        if chosen:
+            manifest = build_checkpoints(chosen, Path(train_file), writer, config, manifest, progress)
         path = writer.commit(manifest, lambda done, total: progress("faiss", done, total))
         progress("faiss", len(manifest["layers"]), len(manifest["layers"]))
         from .api import InfluenceIndex

@@ -103,6 +103,7 @@ class BuildConfig(ModelOptions, Columns):
     task: str | None = option(None, "classification or causal-lm (default: detected from the model's architecture, e.g. GPT2LMHeadModel, LlamaForCausalLM).")
     completion_col: str | None = option(None, "Causal LM: column holding the completion, whose tokens alone carry the loss (default: completion, response, answer, output or target); --text-col is then the prompt. Without one, each text is a whole completion.")
     shard: str | None = option(None, "Build shard i of n (e.g. 0/4): batches i, i+n, ... of the single build's length-sorted batches, into a shard index that `lite-influence merge` joins; under torchrun the rank and world size say it instead.")
+    checkpoints: str = option("all", "A model trained with `train --checkpoints K`: which checkpoints to index for TracIn-CP (query and audit sum each checkpoint's influence, weighted by its learning rate): all, last (the model alone: a plain index), or checkpoint numbers, comma-separated (1,3; K is the model itself, always included). A model without checkpoints is indexed as itself.")
     projection_from: str | None = option(None, "Take the fitted projection from this folder (`lite-influence fit --out`, or an index) instead of fitting one: every shard of a build shares it.")
 
     @property
@@ -138,6 +139,9 @@ class BuildConfig(ModelOptions, Columns):
             raise UserError("--num-labels must be at least 2: a classifier with one class learns nothing.")
         check_factory(self.index_factory)
         self.shard_spec
+        from .checkpoints import check_choice
+
+        check_choice(self.checkpoints)
         return self
 
 
@@ -257,6 +261,7 @@ class TrainConfig(ModelOptions, Columns):
     weight_decay: float = option(0.01, "AdamW weight decay, applied to weight matrices (not to biases or norms).")
     label_names: str | None = option(None, "Names of the classes, comma-separated in id order (e.g. negative,positive): shown in every table and accepted as labels.")
     limit: int | None = option(None, "Train on only the first N rows of the training file.")
+    checkpoints: int = option(1, "Keep K checkpoints for TracIn-CP: the weights at the end of each of K equal spans of the optimiser steps (the last is the model itself) under checkpoints/, with the learning rate over each span (checkpoints.json); `build` then indexes them all.")
 
 
 def help_of(cls, name: str) -> str:

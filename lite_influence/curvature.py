@@ -67,7 +67,16 @@ _VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # store -> {l
 def layer_view(store, layer: str, score: str = "gradient", damping: float = DAMPING_SCALE):
     """The layer as ``score`` compares it: the store's own view (gradient), or a
     ``CurvedLayer`` over it (curvature, damped by ``damping`` x mean(Lambda) per unit),
-    computed once per open store."""
+    computed once per open store; over every checkpoint of a TracIn-CP index, each
+    checkpoint's such view, weighted (``tracin.CombinedView``)."""
+    from .tracin import combined_view
+
+    combined = combined_view(store, layer, lambda sub: single_view(sub, layer, score, damping))
+    return combined if combined is not None else single_view(store, layer, score, damping)
+
+
+def single_view(store, layer: str, score: str = "gradient", damping: float = DAMPING_SCALE):
+    """``layer_view`` of one checkpoint: the store's own layer."""
     from .config import check_score
 
     view, damping = store.layer(layer), float(damping)

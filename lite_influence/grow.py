@@ -90,6 +90,8 @@ def delete_rows(index: str | Path, *, ids: str | list | None = None, where: str 
 
 
 def _editable(store: IndexStore, what: str) -> None:
+    if "checkpoints" in store.manifest:  # each checkpoint's sub-index would need the same change (tracin.py)
+        raise UserError(f"'{store.path}' holds several checkpoints (TracIn-CP); {what} is not supported there: rebuild it.")
     if "shard" in store.manifest:
         raise UserError(f"'{store.path}' is one shard of a build; merge the shards (`lite-influence merge`) before {what}.")
     check_exact(store, what)

@@ -17,6 +17,9 @@ What ``MODEL_DIR`` holds:
   flipped labels, ``noisy`` (0/1) and ``label_original``; same format as the input (.csv, .tsv,
   .jsonl; a .json file is written as .jsonl, a saved dataset folder or Parquet as .jsonl). Build the index
   on this file, and ``audit`` finds the ``noisy`` column by itself;
+- ``checkpoints.json`` and ``checkpoints/checkpoint-j/`` (``--checkpoints K`` > 1): the weights at
+  the end of each of K equal spans of the optimiser steps and the learning rate over each, for
+  TracIn-CP indexes (``checkpoints.py``);
 - ``training.json``: the options, the effective learning rate and LoRA settings, the eval
   before training, per-epoch train loss, eval loss and accuracy, the chosen epoch, the number
   of noisy examples and the seconds taken.
@@ -80,13 +83,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, checkpoints
 from .config import TrainConfig, truthy
 from .data import flip_labels, label_id, label_names_in, load_examples, with_label_ids, write_rows
 from .errors import UserError
 from .store.atomic import remove, swap_folder, write_json
 from .store.guard import check_out, target
 from .models import LoadedModel, collate, encode, load_model
+from .lora_modules import head_modules, lora_targets  # noqa: F401 (public here before)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -96,8 +100,6 @@ LORA_DROPOUT = 0.05
 WARMUP = 0.1
 MAX_GRAD_NORM = 1.0
 BUCKET_BATCHES = 50
-LORA_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q_lin", "v_lin"),
-                ("query_key_value",))
 
 
 @dataclass
@@ -171,6 +173,7 @@ def train_model(model: str | Path, train_file: str | Path, out: str | Path,
                             "choose a folder you can write to.") from exc
         progress("save", 0, 3)
         final = run.save(partial)
+        kept = checkpoints.save(run, partial, chosen * (run.total // config.epochs))
         progress("save", 1, 3)
         write_rows(partial / _train_used_name(train_file), used_rows, used_columns)
         progress("save", 2, 3)
@@ -189,6 +192,7 @@ def train_model(model: str | Path, train_file: str | Path, out: str | Path,
             "history": history,
             "chosen_epoch": chosen,
             "chosen_by": "lowest eval loss" if evaluation is not None else "last epoch",
+            **({"checkpoints": kept} if kept else {}),
             "seconds": seconds,
         }
         write_json(partial / "training.json", report)
@@ -224,6 +228,7 @@ def _check(config: TrainConfig) -> None:
         raise UserError("--lora-rank needs the peft package; run `pip install 'lite-influence[lora]'`.")
     if config.lora_alpha is not None and config.lora_rank is None:
         raise UserError("--lora-alpha only applies to LoRA; pass --lora-rank too, or drop --lora-alpha.")
+    checkpoints.check_count(config.checkpoints, config.lora_rank is not None)
     wd = config.weight_decay
     if not _is_number(wd) or not 0 <= wd < math.inf:
         raise UserError(f"--weight-decay must be a number >= 0, got {wd!r}.")
@@ -380,6 +385,7 @@ class _Run:
                   {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
         schedule = get_linear_schedule_with_warmup(optimizer, self.warmup, self.total)
+        self.recorder = checkpoints.Recorder(config.checkpoints, self.total, self._snapshot)
         targets = torch.tensor(labels, dtype=torch.long)
         initial = self.evaluate(eval_encodings, eval_labels, progress, "eval before training")
         history, best, chosen = [], math.inf, config.epochs
@@ -401,6 +407,7 @@ class _Run:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for _, p in params], MAX_GRAD_NORM)
                 optimizer.step()
+                self.recorder.step(optimizer.param_groups[0]["lr"])  # the rate this step used
                 schedule.step()
                 total_loss += loss.item() * len(batch)
                 done += len(batch)
@@ -475,35 +482,3 @@ def _epoch_batches(lengths: list[int], batch_size: int, generator: torch.Generat
         part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
         batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-# ---------------------------------------------------------------- LoRA modules
-
-
-def lora_targets(model: torch.nn.Module) -> list[str]:
-    """The attention query and value projections' module names, for peft's ``target_modules``."""
-    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-              if not list(m.children()) and getattr(m, "weight", None) is not None}
-    for names in LORA_TARGETS:
-        if all(n in leaves for n in names):
-            return list(names)
-    kind = getattr(model.config, "model_type", type(model).__name__)
-    known = ", ".join("/".join(n) for n in LORA_TARGETS)
-    raise UserError(f"LoRA cannot find the attention query and value projections of a '{kind}' model "
-                    f"(known names: {known}); drop --lora-rank to fine-tune every weight.")
-
-
-def head_modules(model: torch.nn.Module) -> list[str]:
-    """The children outside the base model that hold weights: the classification head."""
-    base = getattr(model, "base_model_prefix", "")
-    heads = [name for name, child in model.named_children()
-             if name != base and any(True for _ in child.parameters())]
-    if not heads:
-        raise UserError(f"cannot find the classification head of a '{type(model).__name__}'; "
-                        "drop --lora-rank to fine-tune every weight.")
-    return heads
-
-
-# ---------------------------------------------------------------- files
-
-

@@ -97,12 +97,33 @@ def problem(manifest) -> str | None:
             if layer["name"] in seen:
                 return f"layer '{layer['name']}' appears twice"
             seen.add(layer["name"])
+        issue = _checkpoints_problem(manifest.get("checkpoints"))
+        if issue:
+            return issue
         for group, members in manifest["groups"].items():
             unknown = [m for m in members if m not in seen]
             if unknown:
                 return f"group '{group}' names unknown layer '{unknown[0]}'"
     except ValueError as exc:
         return str(exc)
+    return None
+
+
+def _checkpoints_problem(entries) -> str | None:
+    """TracIn-CP's checkpoints (``tracin.py``), when present: named sub-indexes with positive
+    weights, the index itself (".") last."""
+    if entries is None:
+        return None
+    if not isinstance(entries, list) or len(entries) < 2 or not isinstance(entries[-1], dict) \
+            or entries[-1].get("index") != ".":
+        return "field 'checkpoints' must list two or more checkpoints, the index itself ('.') last"
+    for number, entry in enumerate(entries):
+        index = entry.get("index") if isinstance(entry, dict) else None
+        weight = entry.get("weight") if isinstance(entry, dict) else None
+        if not isinstance(index, str) or ".." in Path(index).parts or Path(index).is_absolute() \
+                or isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 \
+                or not isinstance(entry.get("model"), str):
+            return f"checkpoints[{number}] is {_short(entry)}, it must name its index, model and a positive weight"
     return None
 
 

@@ -8,6 +8,7 @@ The partial folder holds what a resumed build needs and nothing else::
       vectors/LAYER.{indptr,tokens,values}.npy   the embeddings' token rows (``token_file``)
       examples.jsonl       the examples table
       projection.npz       the fitted eigenbases (pca)
+      checkpoints/NAME/    an earlier checkpoint's whole index (TracIn-CP, ``tracin.py``)
       index/               staged by ``commit``: the finished index, swapped into --out
 
 Why this shape: ``commit`` never deletes or moves a source of the build before the new index
@@ -250,6 +251,10 @@ class IndexWriter:
         for name in ("examples.jsonl", EXAMPLE_OFFSETS, "projection.npz", LOSSES, SHARD_ROWS):
             if (self.partial / name).is_file():
                 _link(self.partial / name, stage / name)
+        for entry in manifest.get("checkpoints", []):  # TracIn-CP: each earlier checkpoint's own index
+            if entry["index"] != ".":
+                shutil.copytree(self.partial / entry["index"], stage / entry["index"], copy_function=_link,
+                                ignore=shutil.ignore_patterns(".*"))
         for number, layer in enumerate(manifest["layers"]):
             if on_layer:
                 on_layer(number, len(manifest["layers"]))
