@@ -33,7 +33,9 @@ What is scored (per layer, per group, and aggregated):
 * Kronfluence 1.0.1 EK-FAC (its defaults: true Fisher with sampled labels, damping 1e-8;
   and the heuristic damping 0.1 x mean eigenvalue) on the attention linears and the head,
   the units lite-influence indexes minus the word embeddings (Kronfluence handles only
-  nn.Linear and nn.Conv2d).
+  nn.Linear and nn.Conv2d). Batches of ``--batch-size`` for the factors and the training
+  gradients; all queries in one batch, so the pairwise scores make one pass over the
+  training set (Kronfluence makes one per query batch).
 
 A layer group's score is the sum of its layers' raw scores (for dot the group's inner
 product; for cosine the sum of per-layer cosines), ``sum``; ``rank`` and ``vote`` are
@@ -48,7 +50,8 @@ torchvision, never imports it, and transformers breaks beside torchvision: do no
 it). Without kronfluence the script runs everything else and says so.
 
 Caching: everything lives under ``--work`` (default /tmp/lds_work) in a folder named after
-the options that change the models (N, M's seeds, epochs, lr, max length, seeds); each
+the options that change the models (N, queries, epochs, lr, max length, batch, seed; not M:
+subset s is the same in every run, so a larger M adds subsets); each
 retrained subset is one ``subsets/sNNN.npz`` (its mask, the queries' margins, seconds, load),
 written atomically, and its model deleted; a killed run resumes and a rerun costs nothing.
 The timings reported are those of the run that computed each stage (recorded with it).
@@ -110,11 +113,20 @@ def load() -> float:
 
 
 def timed(fn):
-    """(value, wall seconds, load average before)."""
+    """(value, {wall seconds, this process's CPU seconds, load average before}). With one
+    torch thread the CPU seconds are what the step costs whatever else the shared machine
+    runs; the wall seconds grow with its load."""
     before = load()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     value = fn()
-    return value, round(time.perf_counter() - started, 2), before
+    return value, {"s": round(time.perf_counter() - started, 2), "cpu_s": round(time.process_time() - cpu, 2),
+                   "load": before}
+
+
+def method_time(**stages) -> dict:
+    """A method's stages and their sums (wall and CPU)."""
+    return {"stages": stages, "total_s": round(sum(t["s"] for t in stages.values()), 2),
+            "total_cpu_s": round(sum(t["cpu_s"] for t in stages.values()), 2)}
 
 
 def save_npz(path: Path, **arrays) -> None:
@@ -134,7 +146,7 @@ def save_json(path: Path, value) -> None:
 
 def setup(args) -> dict:
     """The work folder for these options, the model, the training and query files."""
-    key = dict(n=args.n, m=args.m, queries=args.queries, epochs=args.epochs, lr=args.lr,
+    key = dict(n=args.n, queries=args.queries, epochs=args.epochs, lr=args.lr,
                max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, tiny=args.tiny)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     folder = args.work / (("tiny-" if args.tiny else "") + f"n{args.n}-e{args.epochs}-{digest}")
@@ -258,11 +270,11 @@ def full_model(args, paths: dict) -> dict:
 
     folder, record = paths["folder"] / "full-model", paths["folder"] / "full-model.json"
     if not record.exists():
-        trained, seconds, before = timed(lambda: train_model(paths["model"], paths["train"], folder, force=True,
-                                                              **train_options(args)))
+        trained, took = timed(lambda: train_model(paths["model"], paths["train"], folder, force=True,
+                                                  **train_options(args)))
         q_enc, q_labels = query_set(trained.loaded, paths["queries"], args.max_length)
         values = margins(trained.loaded, q_enc, q_labels)
-        save_json(record, {"seconds": seconds, "load": before, "margins": values.tolist(),
+        save_json(record, {"seconds": took["s"], "cpu_s": took["cpu_s"], "load": took["load"], "margins": values.tolist(),
                            "accuracy": float((values > 0).mean()), "history": trained.history})
     info = json.loads(record.read_text())
     info["loaded"] = load_model(folder)
@@ -290,23 +302,21 @@ def lite_scores(args, paths: dict, model_dir: Path) -> tuple[dict, dict]:
         folder = paths["folder"] / f"index-{projection}"
         record = paths["folder"] / f"index-{projection}.json"
         if not record.exists() or not (folder / "manifest.json").exists():
-            _, seconds, before = timed(lambda: build_index(
+            _, took = timed(lambda: build_index(
                 model_dir, paths["train"], folder, force=True, projection=projection, metric="dot",
                 max_length=args.max_length, batch_size=args.batch_size, seed=args.seed))
-            save_json(record, {"build_s": seconds, "load": before})
+            save_json(record, took)
         built = json.loads(record.read_text())
         index = InfluenceIndex.open(folder)
-        grads, grad_s, grad_load = timed(lambda: index.gradients(queries.texts, labels=list(queries.labels),
+        grads, grad_took = timed(lambda: index.gradients(queries.texts, labels=list(queries.labels),
                                                                  batch_size=args.batch_size))
         for score in ("gradient", "curvature"):
             for metric in ("dot", "cosine"):
                 name = f"{projection} {score} {metric}"
-                value, seconds, before = timed(lambda: layer_scores(index.store, grads.vectors, index.layers,
+                value, score_took = timed(lambda: layer_scores(index.store, grads.vectors, index.layers,
                                                                     metric, score))
                 scores[name] = value
-                times[name] = {"build_s": built["build_s"], "build_load": built["load"], "query_gradients_s": grad_s,
-                               "query_gradients_load": grad_load, "score_s": seconds, "score_load": before,
-                               "total_s": round(built["build_s"] + grad_s + seconds, 2)}
+                times[name] = method_time(build=built, query_gradients=grad_took, score=score_took)
         layers, groups = list(index.layers), dict(index.groups)
     return scores, times, layers, groups, index
 
@@ -329,22 +339,23 @@ def exact_scores(args, paths: dict, full: dict, index) -> tuple[dict, dict]:
         t_enc = encode(loaded, train.texts, None, args.max_length)
         q_enc, q_labels = query_set(loaded, paths["queries"], args.max_length)
         check = ndr_sst2.autograd_check(loaded, layers, t_enc, train.labels, [0, 1])
-        (scores, query_sq, train_sq, _), seconds, before = timed(lambda: ndr_sst2.exact_influence(
+        (scores, query_sq, train_sq, _), took = timed(lambda: ndr_sst2.exact_influence(
             loaded, layers, (q_enc, q_labels), (t_enc, train.labels), args.batch_size, args.exact_memory_gb * 2**30))
         arrays = {}
         for layer in layers:
             arrays[f"dot/{layer}"] = scores[layer].T
             arrays[f"cos/{layer}"] = (scores[layer] / np.outer(ndr_sst2._safe_sqrt(query_sq[layer]),
                                                                 ndr_sst2._safe_sqrt(train_sq[layer]))).T
-        save_npz(cache, seconds=seconds, load=before, autograd_check=check, **arrays)
+        save_npz(cache, seconds=took["s"], cpu_s=took["cpu_s"], load=took["load"], autograd_check=check, **arrays)
     data = np.load(cache)
     out = {"exact dot": {}, "exact cosine": {}}
     for key in data.files:
         if "/" in key:
             kind, layer = key.split("/", 1)
             out["exact dot" if kind == "dot" else "exact cosine"][layer] = data[key]
-    time_info = {"total_s": float(data["seconds"]), "load": float(data["load"]),
-                 "autograd_check_max_rel_error": float(data["autograd_check"])}
+    time_info = method_time(gradients_and_products={"s": float(data["seconds"]), "cpu_s": float(data["cpu_s"]),
+                                                    "load": float(data["load"])})
+    time_info["autograd_check_max_rel_error"] = float(data["autograd_check"])
     return out, {"exact dot": time_info, "exact cosine": time_info}
 
 
@@ -365,9 +376,9 @@ def kronfluence_scores(args, paths: dict, full: dict, modules: list[str]) -> tup
     scores, times = {}, {}
     for name, tag in (("kronfluence ekfac", "default"), ("kronfluence ekfac damping 0.1 mean", "heuristic")):
         scores[name] = {"kf": data[f"scores_{tag}"]}
-        times[name] = {"factors_s": float(data["factors_s"]), "factors_load": float(data["factors_load"]),
-                       "score_s": float(data[f"score_{tag}_s"]), "score_load": float(data[f"score_{tag}_load"]),
-                       "total_s": round(float(data["factors_s"]) + float(data[f"score_{tag}_s"]), 2)}
+        stage = lambda prefix: {"s": float(data[f"{prefix}_s"]), "cpu_s": float(data[f"{prefix}_cpu_s"]),
+                                "load": float(data[f"{prefix}_load"])}
+        times[name] = method_time(fit_all_factors=stage("factors"), compute_pairwise_scores=stage(f"score_{tag}"))
     return scores, times, None
 
 
@@ -430,21 +441,22 @@ def _run_kronfluence(args, paths: dict, full: dict, modules: list[str]) -> dict:
                         output_dir=str(paths["folder"] / "kronfluence"))
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=batch_of))
     torch.manual_seed(args.seed)  # the sampled labels of the true Fisher
-    _, factors_s, factors_load = timed(lambda: analyzer.fit_all_factors(
+    _, took = timed(lambda: analyzer.fit_all_factors(
         factors_name="ekfac", dataset=train_set, per_device_batch_size=args.batch_size,
         factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True))
-    out = {"factors_s": factors_s, "factors_load": factors_load}
+    out = {"factors_s": took["s"], "factors_cpu_s": took["cpu_s"], "factors_load": took["load"]}
     for tag, damping in (("default", ScoreArguments().damping_factor), ("heuristic", None)):
         def pairwise():
             analyzer.compute_pairwise_scores(
                 scores_name=f"pairwise_{tag}", factors_name="ekfac", query_dataset=query_set_,
-                train_dataset=train_set, per_device_query_batch_size=args.batch_size,
+                train_dataset=train_set, per_device_query_batch_size=len(query_set_),  # one pass over train
                 per_device_train_batch_size=args.batch_size, score_args=ScoreArguments(damping_factor=damping),
                 overwrite_output_dir=True)
             return analyzer.load_pairwise_scores(f"pairwise_{tag}")["all_modules"]
-        values, seconds, before = timed(pairwise)
+        values, took = timed(pairwise)
         out[f"scores_{tag}"] = values.double().numpy().T  # (N, Q)
-        out[f"score_{tag}_s"], out[f"score_{tag}_load"] = seconds, before
+        for key, value in took.items():
+            out[f"score_{tag}_{key}"] = value
     return out
 
 
@@ -520,16 +532,19 @@ def sign_check(kf: np.ndarray, exact: dict, layers: list[str]) -> float:
 # ====================================================================== report
 
 
-def best_lite(table: dict, times: dict) -> dict:
+def best_lite(table: dict, times: dict, scope_filter=None) -> dict:
+    """The lite-influence row with the highest LDS (over every scope, or the given one)."""
     best = None
     for method, rows in table.items():
         if method.startswith(("kronfluence", "exact")):
             continue
         for scope, aggs in rows.items():
+            if scope_filter is not None and scope != scope_filter:
+                continue
             for agg, value in aggs.items():
                 if best is None or value["lds"] > best["lds"]:
                     best = {"method": method, "scope": scope, "agg": agg, "lds": value["lds"],
-                            "seconds": times[method]["total_s"]}
+                            "seconds": times[method]["total_s"], "cpu_s": times[method]["total_cpu_s"]}
     return best
 
 
@@ -548,13 +563,14 @@ def markdown(result: dict) -> str:
              "column says rank or vote. `kf` = every layer but the embeddings (the units Kronfluence scores).",
              ""]
     scopes = ["embeddings", "early", "middle", "late", "head", "all", "kf"]
-    header = "| method | time (s) | " + " | ".join(scopes) + " | all rank | all vote | kf rank | kf vote |"
+    header = "| method | wall / CPU s | " + " | ".join(scopes) + " | all rank | all vote | kf rank | kf vote |"
     lines += [header, "|---|---|" + "---|" * (len(scopes) + 4)]
     for method, rows in table.items():
         def cell(scope, agg="sum"):
             v = rows.get(scope, {}).get(agg)
             return "" if v is None else f"{v['lds']:.3f} ± {v['se']:.3f}"
-        lines.append(f"| {method} | {result['times'][method]['total_s']:.1f} | "
+        t = result["times"][method]
+        lines.append(f"| {method} | {t['total_s']:.0f} / {t['total_cpu_s']:.0f} | "
                      + " | ".join(cell(sc) for sc in scopes)
                      + f" | {cell('all', 'rank')} | {cell('all', 'vote')} | {cell('kf', 'rank')} | {cell('kf', 'vote')} |")
     lines += ["", "Per layer (sum = the layer's own score):", "",
@@ -564,10 +580,11 @@ def markdown(result: dict) -> str:
             continue
         lines.append(f"| {method} | " + " | ".join(f"{rows[l]['sum']['lds']:.3f}" if l in rows else ""
                                                for l in result["layers"]) + " |")
-    lines += ["", "Wall times (s, load average before each step):", ""]
+    lines += ["", "Time per step (wall s / CPU s, load average before it; one torch thread):", ""]
     for method, t in result["times"].items():
-        lines.append(f"- {method}: " + ", ".join(f"{k} {v}" for k, v in t.items()))
-    lines += ["", "Headline:", ""] + [f"- {line}" for line in result["headline"]]
+        lines.append(f"- {method}: " + ", ".join(f"{k} {v['s']:.1f} / {v['cpu_s']:.1f} (load {v['load']:.1f})"
+                                                 for k, v in t["stages"].items()))
+    lines += ["", "Headline:", ""] + [(f"  {line}" if line.startswith(" ") else f"- {line}") for line in result["headline"]]
     if result.get("skipped"):
         lines += ["", f"Skipped: {result['skipped']}"]
     lines += ["", f"Checks: {json.dumps(result['checks'])}"]
@@ -575,18 +592,22 @@ def markdown(result: dict) -> str:
 
 
 def headline(table: dict, times: dict) -> list[str]:
-    best = best_lite(table, times)
-    out = [f"best lite-influence: {best['method']}, {best['scope']} {best['agg']}: LDS {best['lds']:.3f} in "
-           f"{best['seconds']:.1f} s"]
-    for method in (m for m in table if m.startswith("kronfluence")):
-        kf = table[method]["kf"]["sum"]["lds"]
-        out.append(f"{method}: LDS {kf:.3f} in {times[method]['total_s']:.1f} s; best lite-influence reaches "
-                   f"{best['lds'] / kf:.2f}x its LDS in {best['seconds'] / times[method]['total_s']:.2f}x its time"
-                   if kf > 0 else f"{method}: LDS {kf:.3f} in {times[method]['total_s']:.1f} s")
+    """The best lite-influence row over everything (picked on the LDS it reports: optimistic)
+    and on Kronfluence's own units (group kf), each against Kronfluence's LDS and time."""
+    out = []
+    for label, best in (("best lite-influence row of all (picked on this LDS)", best_lite(table, times)),
+                        ("best lite-influence row on Kronfluence's units (kf)", best_lite(table, times, "kf"))):
+        out.append(f"{label}: {best['method']}, {best['scope']} {best['agg']}: LDS {best['lds']:.3f} in "
+                   f"{best['seconds']:.1f} s wall / {best['cpu_s']:.1f} s CPU")
+        for method in (m for m in table if m.startswith("kronfluence")):
+            kf, t = table[method]["kf"]["sum"]["lds"], times[method]
+            out.append(f"  vs {method} (LDS {kf:.3f}, {t['total_s']:.1f} s wall / {t['total_cpu_s']:.1f} s CPU): "
+                       f"LDS {best['lds'] - kf:+.3f}, time {best['seconds'] / t['total_s']:.2f}x wall, "
+                       f"{best['cpu_s'] / t['total_cpu_s']:.2f}x CPU")
     for method in ("exact dot", "exact cosine"):
         if method in table:
             out.append(f"{method}: all {table[method]['all']['sum']['lds']:.3f}, kf {table[method]['kf']['sum']['lds']:.3f}"
-                       f" in {times[method]['total_s']:.1f} s")
+                       f" in {times[method]['total_s']:.1f} s wall / {times[method]['total_cpu_s']:.1f} s CPU")
     return out
 
 
@@ -625,7 +646,7 @@ def main(argv=None) -> dict:
         checks["kronfluence_vs_exact_dot"] = sign_check(methods["kronfluence ekfac"]["kf"], exact["exact dot"], layers)
     seconds = retrained["seconds"]
     result = {
-        "setup": {**paths["key"], "model_name": "tiny random BERT" if args.tiny else "all-MiniLM-L6-v2",
+        "setup": {**paths["key"], "m": args.m, "model_name": "tiny random BERT" if args.tiny else "all-MiniLM-L6-v2",
                   "work": str(paths["folder"]), "torch_threads": torch.get_num_threads(), "jobs": args.jobs,
                   "kronfluence_modules": modules},
         "full_model": {k: full[k] for k in ("accuracy", "seconds", "load", "history")},
