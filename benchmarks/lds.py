@@ -77,6 +77,7 @@ DATA = ndr_sst2.DATA
 RESULTS = Path(__file__).resolve().parent / "results"
 KRONFLUENCE_INSTALL = "pip install --no-deps kronfluence==1.0.1 einops einconv opt-einsum"
 VOTE_P = 0.2
+BOOTSTRAP = 200  # resamples of the M models for the LDS's standard error over models
 
 
 def parse_args(argv=None):
@@ -463,19 +464,33 @@ def _run_kronfluence(args, paths: dict, full: dict, modules: list[str]) -> dict:
 # ====================================================================== LDS
 
 
-def lds(scores: np.ndarray, masks: np.ndarray, actual: np.ndarray) -> dict:
-    """Mean over queries of Spearman(actual margin, sum over the subset of the scores)."""
-    from scipy.stats import spearmanr
+def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each column pair (average ranks for ties); nan where a side is constant."""
+    from scipy.stats import rankdata
 
+    ra, rb = rankdata(a, axis=0), rankdata(b, axis=0)
+    ra, rb = ra - ra.mean(0), rb - rb.mean(0)
+    denominator = np.sqrt((ra * ra).sum(0) * (rb * rb).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (ra * rb).sum(0) / denominator, np.nan)
+
+
+def lds(scores: np.ndarray, masks: np.ndarray, actual: np.ndarray, boot: int = BOOTSTRAP) -> dict:
+    """Mean over queries of Spearman(actual margin, sum over the subset of the scores), with two
+    standard errors: over queries (``se``), and over the M models by bootstrap (``se_models``):
+    every query is scored on the same M models, so one odd model moves all of them at once and
+    the spread over queries understates the uncertainty."""
     predicted = masks.astype(np.float64) @ scores  # (M, Q)
-    rhos = []
-    for q in range(actual.shape[1]):
-        if np.ptp(predicted[:, q]) == 0 or np.ptp(actual[:, q]) == 0:
-            continue
-        rhos.append(spearmanr(predicted[:, q], actual[:, q])[0])
-    rhos = np.asarray(rhos)
+    rhos = spearman_columns(predicted, actual)
+    rhos = rhos[np.isfinite(rhos)]
+    rng = np.random.default_rng(0)
+    means = []
+    for _ in range(boot):
+        pick = rng.integers(0, len(masks), len(masks))
+        means.append(np.nanmean(spearman_columns(predicted[pick], actual[pick])))
     return {"lds": float(rhos.mean()) if rhos.size else float("nan"),
             "se": float(rhos.std(ddof=1) / np.sqrt(rhos.size)) if rhos.size > 1 else float("nan"),
+            "se_models": float(np.std(means, ddof=1)) if boot > 1 else float("nan"),
             "queries": int(rhos.size)}
 
 
@@ -559,7 +574,7 @@ def markdown(result: dict) -> str:
              f"Retraining: {result['retrain']['total_s']:.0f} s in all (median {result['retrain']['median_s']:.0f} s a "
              f"model, load {result['retrain']['load_min']:.2f}-{result['retrain']['load_max']:.2f}).",
              "",
-             "LDS (mean Spearman over queries, ± standard error); group score = sum of layer scores unless the "
+             "LDS (mean Spearman over queries, ± its standard error over the M models, bootstrap); group score = sum of layer scores unless the "
              "column says rank or vote. `kf` = every layer but the embeddings (the units Kronfluence scores).",
              ""]
     scopes = ["embeddings", "early", "middle", "late", "head", "all", "kf"]
@@ -568,7 +583,7 @@ def markdown(result: dict) -> str:
     for method, rows in table.items():
         def cell(scope, agg="sum"):
             v = rows.get(scope, {}).get(agg)
-            return "" if v is None else f"{v['lds']:.3f} ± {v['se']:.3f}"
+            return "" if v is None else f"{v['lds']:.3f} ± {v['se_models']:.3f}"
         t = result["times"][method]
         lines.append(f"| {method} | {t['total_s']:.0f} / {t['total_cpu_s']:.0f} | "
                      + " | ".join(cell(sc) for sc in scopes)

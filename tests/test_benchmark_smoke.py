@@ -208,8 +208,18 @@ def test_lds_is_one_for_a_perfect_linear_predictor_and_minus_one_for_its_opposit
     actual = masks @ scores
     assert lds_bench.lds(scores, masks, actual)["lds"] == pytest.approx(1.0)
     assert lds_bench.lds(scores, masks, -actual)["lds"] == pytest.approx(-1.0)
-    noisy = lds_bench.lds(scores, masks, actual + rng.normal(scale=50, size=actual.shape))["lds"]
-    assert -1 < noisy < 0.9
+    noisy = lds_bench.lds(scores, masks, actual + rng.normal(scale=50, size=actual.shape))
+    assert -1 < noisy["lds"] < 0.9 and noisy["se_models"] > 0
+
+
+def test_lds_spearman_matches_scipy_with_ties(lds_bench):
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(20, 6))
+    b = np.round(a + rng.normal(size=(20, 6)))  # ties
+    assert np.allclose(lds_bench.spearman_columns(a, b), [spearmanr(a[:, j], b[:, j])[0] for j in range(6)])
 
 
 def test_lds_aggregations_give_one_score_per_example_and_query(lds_bench):
