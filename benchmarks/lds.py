@@ -611,7 +611,7 @@ NOTES = [
     "",
     "- Scale: N = 1,000 and 2 epochs at lr 1e-4 (every weight, no frozen blocks: `train` has no such option) so that"
     " 50 retrains of 500 rows fit in about an hour on this shared 2-core machine (66 s a model at load 3-11), and the"
-    " model still learns (query accuracy 0.80); max length 64 covers SST-2's phrases. The same seed for every model,"
+    " model still learns (query accuracy 0.80); max length 64 truncates 1 of the 1,000 training phrases (66 tokens) and no query. The same seed for every model,"
     " so what differs between two models is their subset (and the batch order it brings).",
     "- Sign: positive = proponent for both tools (a higher predicted margin when i is in S); Kronfluence's measurement"
     " is -margin, so its positive score is an example whose upweighting raises the margin. `kronfluence_vs_exact_dot`"
@@ -623,7 +623,7 @@ NOTES = [
     " lite-influence's time is a whole build (its fit pass and its gradient pass) plus the query gradients and"
     " scoring every row; both with one torch thread. CPU seconds are the fair comparison on a shared machine.",
     "- The best row is picked on the LDS it reports (optimistic); the bootstrap over the M models is the honest"
-    " error bar (the spread over queries is ~3x smaller, because all queries share the same models).",
+    " error bar (the spread over queries is ~4x smaller, because all queries share the same models).",
 ]
 
 
