@@ -173,3 +173,91 @@ def test_the_library_default_is_the_benchmarks_winning_candidate_on_dense_units(
     mine = sketches.candidate("hybrid:0.5:1 x pca k=6", [u], 3, covariances, 0)[u.name]
     library = fitted_projector("hybrid", u, 6, 3, covariances[u.name])
     assert torch.equal(mine.inp.matrix, library.inp.matrix) and torch.equal(mine.out.matrix, library.out.matrix)
+
+
+# ------------------------------------------------------------------ lds.py
+
+
+@pytest.fixture(scope="module")
+def lds_bench():
+    spec = importlib.util.spec_from_file_location("lds", SCRIPT.parent / "lds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lds_run(lds_bench, tmp_path_factory):
+    """The whole LDS pipeline on a tiny random BERT (M=8 retrains of 32 rows), Kronfluence
+    included when it is installed (it is not a dependency), then a rerun from the cache."""
+    work, out = tmp_path_factory.mktemp("lds-work"), tmp_path_factory.mktemp("lds-out")
+    first = lds_bench.main(["--tiny", "--work", str(work), "--out-dir", str(out)])
+    subsets = sorted(work.rglob("subsets/s*.npz"))
+    stamps = [p.stat().st_mtime_ns for p in subsets]
+    second = lds_bench.main(["--tiny", "--work", str(work), "--out-dir", str(out), "--no-kronfluence"])
+    return first, second, out, subsets, stamps
+
+
+def test_lds_is_one_for_a_perfect_linear_predictor_and_minus_one_for_its_opposite(lds_bench):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    masks = np.stack([lds_bench.subset_mask(40, s) for s in range(12)])
+    assert masks.sum(1).tolist() == [20] * 12 and len({m.tobytes() for m in masks}) == 12
+    scores = rng.normal(size=(40, 5))
+    actual = masks @ scores
+    assert lds_bench.lds(scores, masks, actual)["lds"] == pytest.approx(1.0)
+    assert lds_bench.lds(scores, masks, -actual)["lds"] == pytest.approx(-1.0)
+    noisy = lds_bench.lds(scores, masks, actual + rng.normal(scale=50, size=actual.shape))
+    assert -1 < noisy["lds"] < 0.9 and noisy["se_models"] > 0
+
+
+def test_lds_spearman_matches_scipy_with_ties(lds_bench):
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(20, 6))
+    b = np.round(a + rng.normal(size=(20, 6)))  # ties
+    assert np.allclose(lds_bench.spearman_columns(a, b), [spearmanr(a[:, j], b[:, j])[0] for j in range(6)])
+
+
+def test_lds_aggregations_give_one_score_per_example_and_query(lds_bench):
+    import numpy as np
+
+    per_layer = {"a": np.array([[3.0], [1.0], [2.0], [-1.0], [0.0]]), "b": np.array([[1.0], [2.0], [3.0], [0.0], [-2.0]])}
+    assert np.allclose(lds_bench.aggregated(per_layer, ["a", "b"], "sum")[:, 0], [4, 3, 5, -1, -2])
+    assert np.allclose(lds_bench.aggregated(per_layer, ["a", "b"], "rank")[:, 0], [-1, -1.5, -0.5, -3.5, -3.5])
+    votes = lds_bench.aggregated(per_layer, ["a", "b"], "vote")[:, 0]  # top/bottom ceil(0.2*5)=1 per side
+    assert np.allclose(votes, [1, 0, 1, -1, -1])
+
+
+def test_lds_pipeline_outputs_checks_and_cache(lds_run):
+    import json
+
+    first, second, out, subsets, stamps = lds_run
+    data = json.loads((out / "lds.json").read_text())
+    assert len(subsets) == 8 and [p.stat().st_mtime_ns for p in subsets] == stamps  # the rerun trained nothing
+    assert "LDS" in (out / "lds.md").read_text()
+    for method, rows in first["lds"].items():
+        for aggs in rows.values():
+            for value in aggs.values():
+                assert -1 <= value["lds"] <= 1 and value["queries"] > 0, (method, value)
+    expected = {f"{p} {s} {m}" for p in ("mixed", "pca") for s in ("gradient", "curvature") for m in ("dot", "cosine")}
+    assert expected | {"exact dot", "exact cosine"} <= set(first["lds"])
+    assert {"all", "kf", "head", "block0"} <= set(first["lds"]["exact dot"])
+    assert set(first["lds"]["exact dot"]["all"]) == {"sum", "rank", "vote"}
+    assert first["checks"]["exact_autograd_max_rel_error"] < 1e-4
+    assert first["checks"]["head_lite_vs_exact_max_rel_diff"] < 1e-4
+    assert second["lds"]["exact dot"] == first["lds"]["exact dot"]  # cached scores, same LDS
+    assert data["setup"]["m"] == 8 and data["retrain"]["total_s"] > 0
+
+
+def test_lds_kronfluence_part(lds_run):
+    pytest.importorskip("kronfluence", reason="kronfluence is not installed (it is not a dependency; "
+                        "pip install --no-deps kronfluence==1.0.1 einops einconv opt-einsum): its LDS part is skipped")
+    first, second, *_ = lds_run
+    assert first["skipped"] is None and set(first["lds"]["kronfluence ekfac"]) == {"kf"}
+    assert first["checks"]["kronfluence_vs_exact_dot"] > 0  # the sign conventions agree
+    assert first["times"]["kronfluence ekfac"]["total_s"] > 0
+    assert second["skipped"] == "--no-kronfluence" and "kronfluence ekfac" not in second["lds"]
