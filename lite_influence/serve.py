@@ -102,9 +102,13 @@ class Served:
                 "model": manifest.get("model", {}).get("path")}
 
     def warm_up(self) -> None:
-        """One throw-away query per index: loads and verifies the model, reads the examples."""
+        """One throw-away query per index: loads and verifies the model, reads the examples;
+        the token rows are kept in memory in posting order (token_rows.keep_in_memory)."""
         for name, index in self.indexes.items():
             with self.locks[name]:
+                for layer in index.layers:
+                    if index.store.layer(layer).kind == "tokens":
+                        index.store.layer(layer).stored.keep_in_memory()
                 if index.task == "causal-lm":
                     index.query("warm up", k=1, layers="all", completion=" up")
                 else:
