@@ -393,5 +393,6 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[red]internal error:[/] {type(exc).__name__}: {shown(str(exc))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(2)
-    process.leave(code if isinstance(code, int) else 0)
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "") if argv is None else ""
+    process.leave(code if isinstance(code, int) else 0, at_once=command in process.AT_ONCE)  # the program only
 
