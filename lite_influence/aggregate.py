@@ -114,7 +114,7 @@ def order(values: np.ndarray, higher_first: bool) -> np.ndarray:
     """Ties go to the smaller id so the same inputs always give the same ranking."""
     v = np.asarray(values, dtype=np.float64)
     key = -v if higher_first else v
-    return np.lexsort((np.arange(v.size), key))
+    return np.argsort(key, kind="stable")  # stable over increasing ids: ties by id, one sort
 
 
 def top_order(values: np.ndarray, depth: int, higher_first: bool = True) -> np.ndarray:
@@ -125,8 +125,8 @@ def top_order(values: np.ndarray, depth: int, higher_first: bool = True) -> np.n
         return order(v, higher_first)
     key = -v if higher_first else v
     kth = np.partition(key, depth - 1)[depth - 1]
-    candidates = np.flatnonzero(key <= kth)
-    return candidates[np.lexsort((candidates, key[candidates]))][:depth]
+    candidates = np.flatnonzero(key <= kth)  # increasing, so a stable sort breaks ties by id
+    return candidates[np.argsort(key[candidates], kind="stable")][:depth]
 
 
 def aggregate(method: str, *, lists=None, scores=None, n=None, p: float = 0.2, partial: bool = False,

@@ -188,27 +188,32 @@ def query(
     label: Optional[str] = typer.Option(None, "--label", "-l", help="Label to explain (id or name); default: the model's prediction."),
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl): one result each (JSON lines with --json), or one for all with --aggregate; the predictions are explained unless --label-col names the labels to explain."),
     ids: Optional[list[int]] = typer.Option(None, "--id", help="Explain training example N from its stored vectors (no model is loaded); repeat for several."),
+    id_list: Optional[str] = typer.Option(None, "--ids", help="Several training examples at once, comma-separated (--ids 17,40): as --id for each."),
     config: QueryConfig = None,
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     local: bool = typer.Option(False, "--local", help="Answer in this process even when a `lite-influence serve` runs for the index."),
 ):
     """Which training examples pushed the model to this answer (proponents), and which fought it (opponents)."""
-    from .api import InfluenceIndex
-
+    ids = (ids or []) + _id_list(id_list)
     if sum(x is not None for x in (text, file, ids or None)) != 1:
         raise UserError("pass one of --text \"...\", --file QUERIES or --id N.")
+    if text is not None and not (local or model is not None):
+        from .client import query_server
+
+        remote = query_server(index_dir, config, text=text, pair=pair, label=label, completion=completion)
+        if remote is not None:  # a server answered: nothing heavy was imported here (no numpy either)
+            return _show(remote[0], remote[1]["label_names"], as_json)
+    from .api import InfluenceIndex
+
     if ids:
         index = InfluenceIndex.open(index_dir)
         groups = [ids] if config.aggregate or len(ids) == 1 else [[i] for i in ids]
-        return _show([index.query_ids(group, config) for group in groups], index, as_json, single=len(groups) == 1)
-    result = None if (local or file is not None or model is not None) else _ask_server(
-        index_dir, text=text, pair=pair, label=label, completion=completion, config=config)
+        return _show([index.query_ids(group, config) for group in groups], index.manifest["label_names"], as_json,
+                     single=len(groups) == 1)
     index = InfluenceIndex.open(index_dir, model=model)
     index.kind.check_query(pair=pair, label=label, completion=completion)
-    if result is not None:
-        pass
-    elif file is not None:
+    if file is not None:
         examples = index.kind.read(file, text_col=config.text_col, pair_col=config.pair_col,
                                    label_col=config.label_col, label2id=index.label2id, queries=True)
         labels = examples.labels if config.label_col and examples.labels else [None] * len(examples)
@@ -217,14 +222,23 @@ def query(
                 result = index.query(examples.texts, examples.pairs, labels, config, completion=examples.completions)
             else:
                 return _show(index.query_each(examples.texts, examples.pairs, labels, config,
-                                              completions=examples.completions), index, as_json, single=False)
+                                              completions=examples.completions), index.manifest["label_names"],
+                             as_json, single=False)
     else:
         with _progress() as index.progress:
             result = index.query(text, pair, label, config, completion=completion)
-    _show(result, index, as_json)
+    _show(result, index.manifest["label_names"], as_json)
 
 
-def _show(results, index, as_json: bool, single: bool = True) -> None:
+def _id_list(text: str | None) -> list[int]:
+    """``--ids 17,40,102``: the same as ``--id 17 --id 40 --id 102``."""
+    try:
+        return [int(part) for part in (text or "").replace(" ", "").split(",") if part]
+    except ValueError:
+        raise UserError(f"--ids takes training example ids separated by commas (e.g. --ids 17,40), got '{text}'") from None
+
+
+def _show(results, label_names: list[str], as_json: bool, single: bool = True) -> None:
     """One result as a JSON object or tables; several (one per query) as JSON lines, or
     tables one after the other."""
     results = [results] if isinstance(results, dict) else results
@@ -232,17 +246,7 @@ def _show(results, index, as_json: bool, single: bool = True) -> None:
         if as_json:
             print(json.dumps(result, indent=2 if single else None, ensure_ascii=False))
         else:  # the chance warning is about the whole set of queries: said once, above the first
-            render.print_query(result if number == 0 else {**result, "warning": None}, index.manifest["label_names"])
-
-
-def _ask_server(index_dir: Path, *, text, pair, label, completion, config: QueryConfig) -> dict | None:
-    """A running server's answer (the model stays warm there: no torch import here), or None."""
-    from .client import remote_query
-
-    request = {"text": text, "pair": pair, "label": label, "completion": completion,
-               "k": config.k, "layers": config.layers, "agg": config.agg, "metric": config.metric,
-               **({"score": config.score, "damping": config.damping} if config.score != "gradient" else {})}
-    return remote_query(index_dir, {key: value for key, value in request.items() if value is not None})
+            render.print_query(result if number == 0 else {**result, "warning": None}, label_names)
 
 
 @app.command(epilog="Example: lite-influence serve runs/index --port 8765, then open http://127.0.0.1:8765/")
@@ -388,5 +392,6 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[red]internal error:[/] {type(exc).__name__}: {shown(str(exc))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(2)
-    process.leave(code if isinstance(code, int) else 0)
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "") if argv is None else ""
+    process.leave(code if isinstance(code, int) else 0, at_once=command in process.AT_ONCE)  # the program only
 

@@ -24,9 +24,16 @@ def state_path(index_path: str | Path) -> Path:
 
 
 def find_server(index_path: str | Path, timeout: float = 0.5) -> str | None:
-    """URL of a live server for this index, or None: the state file must name a running pid
-    and its server must answer ``/api/indexes`` with this index among those it serves (a stale
-    file, a reused pid or a server restarted on other indexes all give None)."""
+    """URL of a live server for this index, or None (see ``served_entry``)."""
+    entry = served_entry(index_path, timeout)
+    return None if entry is None else entry["url"]
+
+
+def served_entry(index_path: str | Path, timeout: float = 0.5) -> dict | None:
+    """What a live server says of this index (``/api/indexes``: name, label names, task...,
+    plus its ``url``), or None: the state file must name a running pid and its server must
+    serve this index (a stale file, a reused pid or a server restarted on other indexes all
+    give None)."""
     try:
         state = json.loads(state_path(index_path).read_text(encoding="utf-8"))
         pid, url = int(state["pid"]), str(state["url"])
@@ -40,23 +47,34 @@ def find_server(index_path: str | Path, timeout: float = 0.5) -> str | None:
     except (OSError, ValueError):
         return None
     mine = os.path.realpath(index_path)
-    if any(os.path.realpath(item.get("path", "")) == mine for item in served.get("indexes", [])):
-        return url
+    for item in served.get("indexes", []) if isinstance(served, dict) else []:
+        if isinstance(item, dict) and os.path.realpath(str(item.get("path", ""))) == mine and "name" in item:
+            return {**item, "url": url}
     return None
 
 
-def remote_query(index_path: str | Path, request: dict) -> dict | None:
-    """The answer of a server running for this index, or None when there is none (or it went
-    away mid-request): the caller then answers the query itself. A 4xx is the UserError the
-    CLI would have raised locally."""
-    url = find_server(index_path)
-    if url is None:
+def remote_query(index_path: str | Path, request: dict) -> tuple[dict, dict] | None:
+    """(answer, what the server says of the index) from a server running for this index, or
+    None when there is none (or it went away mid-request): the caller then answers the query
+    itself. A 4xx is the UserError the CLI would have raised locally (the server checks the
+    request with the same code and words)."""
+    entry = served_entry(index_path)
+    if entry is None:
         return None
     try:
-        name = json.loads(state_path(index_path).read_text(encoding="utf-8"))["name"]
-        return ask_server(url, {**request, "index": name})
-    except (OSError, ValueError, KeyError, ConnectionError):
+        return ask_server(entry["url"], {**request, "index": entry["name"]}), entry
+    except (ConnectionError, ValueError):  # gone, or not our server: answer locally
         return None
+
+
+def query_server(index_path: str | Path, config, *, text, pair=None, label=None, completion=None):
+    """``remote_query`` of a ``query --text`` with its ``QueryConfig`` (every option that changes
+    the answer travels with it), or None when no server runs for the index."""
+    request = {"text": text, "pair": pair, "label": label, "completion": completion,
+               "k": config.k, "layers": config.layers, "agg": config.agg, "metric": config.metric,
+               "vote_p": config.vote_p, "max_new_tokens": config.max_new_tokens,
+               **({"score": config.score, "damping": config.damping} if config.score != "gradient" else {})}
+    return remote_query(index_path, {key: value for key, value in request.items() if value is not None})
 
 
 def _pid_alive(pid: int) -> bool:

@@ -146,9 +146,10 @@ class ProjectedGradients(_Hooks):
     keep"), or None for a tied embeddings unit, whose second use (the LM head, over the whole
     vocabulary) would cost a vocabulary-wide Gram per token pair."""
 
-    def __init__(self, model: nn.Module, projectors: list[UnitProjector]):
+    def __init__(self, model: nn.Module, projectors: list[UnitProjector], norms: bool = True):
         super().__init__(model, [p.unit for p in projectors])
         self.projectors = {p.unit.name: p for p in projectors}
+        self.norms = norms  # a query needs no exact norms: only the build stores them
         self._phi: dict[str, torch.Tensor] = {}
         self._sq: dict[str, torch.Tensor | None] = {}
 
@@ -158,12 +159,14 @@ class ProjectedGradients(_Hooks):
         return x if unit.kind == "embedding" else self._masked(unit.with_bias(x.float()))
 
     def _record_norms(self, unit: Unit, x: torch.Tensor, delta: torch.Tensor) -> None:
-        if unit.name not in self._sq:  # a tied unit's second use has marked it None already
+        if not self.norms:
+            self._sq[unit.name] = None
+        elif unit.name not in self._sq:  # a tied unit's second use has marked it None already
             self._sq[unit.name] = exact_squared_norms(x, delta)
 
     def on_unit(self, unit, x, output_hook):
         projector = self.projectors[unit.name]
-        exact_x = self._exact_input(unit, x)
+        exact_x = self._exact_input(unit, x) if self.norms else None
         if projector.tokens_exact:
             return self._token_rows(unit, projector, x, exact_x, output_hook)
         a = self._masked(projector.project_input(x if unit.kind == "embedding" else x.float()))
@@ -292,11 +295,12 @@ def _targets(labels, batch) -> torch.Tensor | None:
 
 
 def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, list[Unit]],
-                  encodings: list[dict], labels: list[int] | None, batch: list[int]):
+                  encodings: list[dict], labels: list[int] | None, batch: list[int], norms: bool = True):
     """One batch's per-layer vectors (units concatenated in layer order; the embeddings'
     exact token rows as a ``TokenRows`` of the batch), losses, logits (for a causal LM, per
     example: completion tokens and teacher-forced argmax hits) and exact squared gradient
-    norms per layer (float64; None for a layer with a tied embeddings unit).
+    norms per layer (float64; None for a layer with a tied embeddings unit, and for every
+    layer with ``norms`` False: a query's vectors need none, and they cost a Gram per unit).
 
     Concatenating a layer's unit vectors makes the layer's inner product the sum of its
     units' inner products, which is that layer's influence. ``labels`` None: the encodings
@@ -307,7 +311,7 @@ def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, lis
 
     inputs = collate(loaded, [encodings[i] for i in batch])
     targets = _targets(labels, batch)
-    with frozen(loaded.model), ProjectedGradients(loaded.model, projectors) as capture:
+    with frozen(loaded.model), ProjectedGradients(loaded.model, projectors, norms) as capture:
         capture.mask = inputs["attention_mask"].bool()
         losses, logits = example_losses(loaded, inputs, targets)
         losses.sum().backward()

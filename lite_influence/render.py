@@ -18,6 +18,11 @@ def fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def label_name(label, names: list[str]) -> str:
+    """A stored label as the model names it (an id out of range, or a causal LM's, as it is)."""
+    return names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
+
+
 def print_query(result: dict, names: list[str]) -> None:
     q = result["query"]
     pred = q["prediction"]
@@ -25,7 +30,7 @@ def print_query(result: dict, names: list[str]) -> None:
     if "id" in q:  # training examples explained from their stored vectors
         shown_ids = ", ".join(f"#{x['id']}" for x in result["queries"])
         console.print(f"[bold]training example {shown_ids}[/]: {shown(q['text'])}"
-                      + (f" [dim](label {shown(q['label'])})[/]" if q.get("label") is not None else ""))
+                      + (f" [dim](label {shown(label_name(q['label'], names))})[/]" if q.get("label") is not None else ""))
     elif lm and len(result["queries"]) == 1:
         console.print(f"[bold]prompt[/]: {shown(q['text'])}")
         console.print(f"[bold]completion[/] ({q['completion_source']}, {q['completion_tokens']} tokens): "
@@ -64,8 +69,7 @@ def print_query(result: dict, names: list[str]) -> None:
         table.add_column(columns[1], ratio=3 if lm else 1, overflow="fold")
         table.add_column("in top k", no_wrap=True, justify="right")
         for row in result[side]:
-            label = row["label"]
-            name = names[label] if isinstance(label, int) and 0 <= label < len(names) else str(label)
+            name = label_name(row["label"], names)
             flag = " [yellow](noisy)[/]" if truthy(row["extra"].get("noisy", "")) else ""
             cells = ((shown(str(row["text"])), shown(str(row.get("completion"))) + flag) if lm
                      else (shown(name) + flag, shown(str(row["text"]))))

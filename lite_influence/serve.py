@@ -6,11 +6,11 @@ A process that stays up pays that once. ``serve()`` opens the indexes with the p
 ``InfluenceIndex.open``, runs one warm-up query per index (model, projection and examples are
 then cached by the index), and answers on localhost:
 
-    POST /api/query            {index, text, pair, label, completion, k, layers, agg, metric, score,
-                                damping}
+    POST /api/query            {index, text, pair, label, completion, max_new_tokens, k, layers, agg,
+                                vote_p, metric, score, damping}
                                -> what InfluenceIndex.query returns, plus "timings"
-    POST /api/query_by_id      {index, id, ...}: the hook for explaining a training example
-                               from its stored vectors; 501 until that lands
+    POST /api/query_by_id      {index, id, k, layers, agg, ...}: a training example explained
+                               from its stored vectors (no model runs)
     GET  /api/example/NAME/ID  -> the training example, as stored
     GET  /api/audit/INDEX      -> the audit kept by `audit --save` (404 when there is none)
     GET  /api/indexes          -> what is served (name, path, N, layers, groups, labels, task)
@@ -42,11 +42,11 @@ STATIC = Path(__file__).with_name("static")
 PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
          "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
          "/static/style.css": ("style.css", "text/css; charset=utf-8")}
+OPTIONS = {"k": int, "layers": str, "agg": str, "vote_p": (int, float), "metric": str, "score": str,
+           "damping": (int, float)}  # QueryConfig's, as a request may set them
 QUERY_FIELDS = {"index": str, "text": str, "pair": (str, type(None)), "label": (str, int, type(None)),
-                "completion": (str, type(None)), "k": int, "layers": str, "agg": str, "metric": str,
-                "score": str, "damping": (int, float)}
-BY_ID_FIELDS = {"index": str, "id": int, "k": int, "layers": str, "agg": str, "metric": str, "score": str,
-                "damping": (int, float)}
+                "completion": (str, type(None)), "max_new_tokens": int, **OPTIONS}
+BY_ID_FIELDS = {"index": str, "id": int, **OPTIONS}
 
 
 # ---------------------------------------------------------------- server side
@@ -102,9 +102,13 @@ class Served:
                 "model": manifest.get("model", {}).get("path")}
 
     def warm_up(self) -> None:
-        """One throw-away query per index: loads and verifies the model, reads the examples."""
+        """One throw-away query per index: loads and verifies the model, reads the examples;
+        the token rows are kept in memory in posting order (token_rows.keep_in_memory)."""
         for name, index in self.indexes.items():
             with self.locks[name]:
+                for layer in index.layers:
+                    if index.store.layer(layer).kind == "tokens":
+                        index.store.layer(layer).stored.keep_in_memory()
                 if index.task == "causal-lm":
                     index.query("warm up", k=1, layers="all", completion=" up")
                 else:
@@ -135,12 +139,9 @@ def run_query(served: Served, body) -> dict:
     body = check_fields(body, QUERY_FIELDS, ("index", "text"))
     name = body.pop("index")
     index = served.get(name)
-    options = {key: body[key] for key in ("k", "layers", "agg", "metric", "score", "damping") if key in body}
+    options = {key: body[key] for key in (*OPTIONS, "max_new_tokens") if key in body}
     text, pair, label, completion = (body.get(key) for key in ("text", "pair", "label", "completion"))
-    if completion is not None and index.task != "causal-lm":
-        raise UserError("'completion' is for causal language model indexes; this index is a classifier's (use 'label').")
-    if index.task == "causal-lm" and (pair is not None or label is not None):
-        raise UserError("this index is a causal language model's: pass the prompt as 'text' and what it should say as 'completion'.")
+    index.kind.check_query(pair=pair, label=label, completion=completion)  # the CLI's own check and words
     with served.locks[name]:
         waited = time.perf_counter()
         extra = {"completion": completion} if index.task == "causal-lm" else {}
@@ -174,7 +175,7 @@ def query_by_id(served: Served, body) -> dict:
     no model runs, so it needs no lock."""
     body = check_fields(body, BY_ID_FIELDS, ("index", "id"))
     get_example(served, body["index"], str(body["id"]))
-    options = {key: body[key] for key in ("k", "layers", "agg", "metric", "score", "damping") if key in body}
+    options = {key: body[key] for key in OPTIONS if key in body}
     return served.get(body["index"]).query_ids([body["id"]], **options)
 
 

@@ -58,7 +58,7 @@ class Session:
         losses, summaries = np.zeros(n), None
         for batch in length_batches([len(e["input_ids"]) for e in encodings], batch_size):
             batch_vectors, batch_losses, batch_summary, _ = layer_vectors(
-                self.loaded, self.projectors, self.layers, encodings, targets, batch)
+                self.loaded, self.projectors, self.layers, encodings, targets, batch, norms=False)
             for name in self.layers:
                 if isinstance(batch_vectors[name], np.ndarray):
                     vectors[name][batch] = batch_vectors[name]

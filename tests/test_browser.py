@@ -72,3 +72,18 @@ def test_the_page_runs_a_query_and_shows_the_saved_audit(served, capsys, tmp_pat
     ranking = section(dom, "audit-ranking")
     assert f'<td class="num">{first["id"]}</td>' in ranking
     assert ranking.count("(noisy)") == sum(r["noisy"] for r in saved["ranking"]["rows"][:50])
+
+
+def test_the_page_explains_a_training_example_by_id(served, tmp_path):
+    """The page's query by id (what clicking a row, then "explain", runs), from its address:
+    with cosine, an example heads its own proponents; no model runs for it."""
+    from lite_influence import InfluenceIndex
+
+    expected = InfluenceIndex.open(served["index"]).query_ids([7], k=3)
+    dom = page(f"{served['url']}/?{urlencode({'index': 'tiny', 'id': 7, 'k': 3})}", tmp_path)
+    assert 'id="result" hidden' not in dom
+    assert "training example #7" in section(dom, "prediction")
+    for side in ("proponents", "opponents"):
+        shown = re.findall(r'<tr data-id="(\d+)"', section(dom, side))
+        assert shown == [str(row["id"]) for row in expected[side]], side
+    assert expected["proponents"][0]["id"] == 7

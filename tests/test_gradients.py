@@ -167,6 +167,27 @@ def test_exact_norms_equal_autograd_gradient_norms_at_any_projection_size(arch):
         torch.testing.assert_close(squares[unit.name], expected, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_query_s_pass_without_norms_gives_the_same_vectors_and_no_norms(arch):
+    """A query's gradient skips the exact norms (``norms=False``, what Session.run asks):
+    the projected vectors are unchanged, and no norm is computed."""
+    model = tiny_classifier(arch)
+    batch, labels = random_batch(batch=4)
+    projectors = [random_projector(u, 3, 0) for u in discover_units(model)]
+    runs = []
+    for norms in (True, False):
+        with frozen(model), ProjectedGradients(model, projectors, norms=norms) as capture:
+            capture.mask = batch["attention_mask"].bool()
+            F.cross_entropy(model(**batch).logits, labels, reduction="sum").backward()
+            runs.append((capture.vectors(), capture.squared_norms()))
+    (with_norms, squares), (without, none) = runs
+    assert set(with_norms) == set(without) and any(v is not None for v in squares.values())
+    assert all(value is None for value in none.values())
+    for name, vector in with_norms.items():
+        if isinstance(vector, torch.Tensor):
+            torch.testing.assert_close(without[name], vector, rtol=0, atol=0)
+
+
 def test_exact_norms_take_either_route_to_the_same_value():
     """The token-pair Gram route (few tokens) and the materialised-G route (many) agree."""
     from lite_influence.gradients import exact_squared_norms

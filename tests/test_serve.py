@@ -248,22 +248,43 @@ def test_real_server_is_found_and_answers_like_the_api(live_server, index_path, 
     assert str(caught.value) == user_error(lambda: reference.query(QUERY, layers="block9"))
 
 
+HEAVY_PROBE = ("import sys; from lite_influence.cli import main\n"
+               "try:\n    main(sys.argv[1:])\nfinally:\n"
+               "    print('HEAVY=' + ','.join(m for m in ('torch', 'transformers', 'numpy', 'faiss', 'starlette') "
+               "if m in sys.modules), file=sys.stderr)")
+
+
+def heavy_modules(stderr: str) -> set[str]:
+    line = next(line for line in stderr.splitlines() if line.startswith("HEAVY="))
+    return set(filter(None, line[len("HEAVY="):].split(",")))
+
+
 def test_cli_query_asks_the_running_server_without_loading_torch(live_server, index_path, reference):
-    """`lite-influence query` finds the server by itself; --local answers in-process, the same."""
-    code = ("import sys; from lite_influence.cli import main\n"
-            "try:\n    main(sys.argv[1:])\nfinally:\n"
-            "    print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    """`lite-influence query` finds the server by itself and imports nothing heavy (no torch,
+    transformers, numpy, faiss: a Python start and one request); --local answers in-process,
+    the same; every option that changes the answer travels with the request (--vote-p)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-c", code, "query", str(index_path), "--text", QUERY, "-k", "3", "--json"]
-    remote = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
-    assert remote.returncode == 0, remote.stderr
-    assert "NO-TORCH" in remote.stderr
-    answer = json.loads(remote.stdout)
-    assert "timings" in answer  # the server's answer
-    answer.pop("timings")
-    local = subprocess.run(args + ["--local"], capture_output=True, text=True, timeout=300, env=env)
-    assert local.returncode == 0 and "NO-TORCH" not in local.stderr
-    assert json.loads(local.stdout) == answer
+    for options in (["-k", "3"], ["-k", "3", "--vote-p", "0.6", "--agg", "vote"]):
+        args = [sys.executable, "-c", HEAVY_PROBE, "query", str(index_path), "--text", QUERY, "--json", *options]
+        remote = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+        assert remote.returncode == 0, remote.stderr
+        assert heavy_modules(remote.stderr) == set()
+        answer = json.loads(remote.stdout)
+        assert "timings" in answer  # the server's answer
+        answer.pop("timings")
+        local = subprocess.run(args + ["--local"], capture_output=True, text=True, timeout=300, env=env)
+        assert local.returncode == 0 and "torch" in heavy_modules(local.stderr)
+        assert json.loads(local.stdout) == answer
+
+
+def test_a_bad_query_asked_of_the_server_fails_with_the_cli_s_own_line(live_server, index_path, capsys):
+    """The server checks a request with the CLI's code: the same one line, exit 1."""
+    from conftest import run_cli
+
+    served = run_cli(capsys, "query", index_path, "--text", QUERY, "--completion", " x")
+    local = run_cli(capsys, "query", index_path, "--text", QUERY, "--completion", " x", "--local")
+    assert served[0] == local[0] == 1
+    assert served[2].strip() == local[2].strip() and "--completion" in served[2]
 
 
 def test_shutdown_removes_the_state_file_and_then_nothing_is_found(live_server, index_path):

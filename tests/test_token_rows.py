@@ -28,6 +28,19 @@ def test_scores_equal_dense_inner_products():
     np.testing.assert_allclose(store.gram(asked), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_rows_kept_in_memory_in_posting_order_score_the_same():
+    """A server's copy of the values in posting order (keep_in_memory) changes where the rows
+    are read from, not what they score: equal to the brute force, and to the unkept rows."""
+    rng = np.random.default_rng(2)
+    rows = _random_rows(rng, 80, vocab=12, k=4)
+    queries = _random_rows(rng, 5, vocab=15, k=4)  # tokens 12-14: in no stored example
+    store, asked = TokenRows.from_lists(rows, 4), TokenRows.from_lists(queries, 4)
+    before = store.gram(asked)
+    store.keep_in_memory()
+    np.testing.assert_array_equal(store.gram(asked), before)
+    np.testing.assert_allclose(before, _dense(queries, 15, 4) @ _dense(rows, 15, 4).T, rtol=1e-5, atol=1e-5)
+
+
 def test_norms_equal_dense_norms_and_empty_rows_are_zero():
     rng = np.random.default_rng(1)
     rows = _random_rows(rng, 30, vocab=10, k=4) + [(np.zeros(0, int), np.zeros((0, 4)))]

@@ -164,12 +164,16 @@ async function explainExample(info, id) {
     showPrediction(result, info);
     table($("proponents"), result.proponents, result, info);
     table($("opponents"), result.opponents, result, info);
+    $("timings").textContent = `${result.agg} over ${result.layers.join(", ")} · ${result.metric} · k = ${result.k} · ` +
+      "training example's stored vectors (no model)";
+    $("result").hidden = false;
   } catch (error) {
     showError($("example-error"), error);
   }
 }
 
-// A query can be linked to: /?index=NAME&text=...&label=...&layers=...&agg=...&metric=...&score=...&k=... runs it.
+// A query can be linked to: /?index=NAME&text=...&label=...&layers=...&agg=...&metric=...&score=...&k=... runs it;
+// /?index=NAME&id=17 explains training example 17 (as clicking its row and "explain" does).
 // A saved audit (`lite-influence audit INDEX QUERIES --save`): its NDR table with the
 // baselines, each group's detection curve (inline SVG), and the ranking with its noise flags.
 async function showAudit(info) {
@@ -228,6 +232,7 @@ function fromAddress() {
     if (params.has(key)) $(key).value = params.get(key);
   }
   if (params.get("text")) $("query-form").requestSubmit();
+  else if (params.get("id")) explainExample(current(), Number(params.get("id")));  // /?index=NAME&id=17
 }
 
 function toAddress(body) {

@@ -34,6 +34,7 @@ class TokenRows:
     tokens: np.ndarray  # (nnz,) integer ids, increasing within each example
     values: np.ndarray  # (nnz, k) float32
     _postings: tuple | None = field(default=None, repr=False, compare=False)
+    _by_token: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_lists(cls, rows: list[tuple[np.ndarray, np.ndarray]], k: int) -> "TokenRows":
@@ -94,19 +95,31 @@ class TokenRows:
             self._postings = (order, tokens, self._example_of()[order])
         return self._postings
 
+    def keep_in_memory(self) -> None:
+        """Copy the values into memory in posting-list order (a server's warm-up): a query then
+        reads each of its tokens' postings as one contiguous block instead of gathering them
+        from across the file ([CLS] and [SEP] are in every example: 100k x 2 scattered rows at
+        N = 100k). Costs the values' size in memory (about N x 12.5 x k x 4 bytes)."""
+        if self._by_token is None:
+            self._by_token = np.ascontiguousarray(self.values[self.postings()[0]])
+
     def scores(self, tokens: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Inner products of one query (its distinct tokens and their vectors) with every
         example, in float64: only the posting lists of the query's tokens are read."""
+        from .views import chunked_product
+
         order, sorted_tokens, examples = self.postings()
-        out = np.zeros(self.n, np.float64)
         starts = np.searchsorted(sorted_tokens, tokens, side="left")
         ends = np.searchsorted(sorted_tokens, tokens, side="right")
+        weights, owners = [], []
         for q, (start, end) in enumerate(zip(starts, ends)):
             if end > start:
-                entries = order[start:end]
-                weights = np.asarray(self.values[entries], np.float64) @ np.asarray(values[q], np.float64)
-                out += np.bincount(examples[start:end], weights=weights, minlength=self.n)
-        return out
+                rows = self._by_token[start:end] if self._by_token is not None else self.values[order[start:end]]
+                weights.append(chunked_product(rows, np.asarray(values[q], np.float64)[:, None])[:, 0])
+                owners.append(examples[start:end])
+        if not weights:
+            return np.zeros(self.n, np.float64)
+        return np.bincount(np.concatenate(owners), weights=np.concatenate(weights), minlength=self.n).astype(np.float64)
 
     def gram(self, other: "TokenRows") -> np.ndarray:
         """(other.n, self.n) inner products: every query of ``other`` against every example."""

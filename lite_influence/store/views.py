@@ -40,7 +40,7 @@ CHUNK_BYTES = 2 ** 21  # per float64 block: one that stays in cache (8192 rows o
 # made the head's scan 3x slower: benchmarks/results/scale.md), never a float64 copy of the layer
 
 
-def _chunked_product(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
+def chunked_product(rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """``rows @ queries`` in float64, a block of rows at a time (a memory-mapped layer is read
     once, in order, and never copied whole)."""
     out = np.empty((rows.shape[0], queries.shape[1]))
@@ -161,7 +161,7 @@ class DenseLayer:
     def scores(self, prepared: np.ndarray, metric: str) -> np.ndarray:
         """(N, queries) exact inner products in float64 (dot: the unit rows' times the norms)."""
         rows = self.vectors(None, metric) if self.holds == "raw" or metric == "cosine" else self._stored()
-        scores = _chunked_product(rows, np.asarray(prepared, np.float64).T)
+        scores = chunked_product(rows, np.asarray(prepared, np.float64).T)
         if self.holds != "raw" and metric == "dot":
             scores *= self.norms()[:, None]
         return finite(scores, self.file)
