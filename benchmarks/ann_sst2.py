@@ -110,7 +110,7 @@ def pq_m(dim: int) -> int:
 def factories(n: int, dim: int) -> dict[str, str]:
     nlist = int(round(4 * math.sqrt(n)))
     return {"HNSW32": "HNSW32", "IVF": f"IVF{nlist},Flat", "IVF-PQ": f"IVF{nlist},PQ{pq_m(dim)}",
-            "SQ8": "SQ8", "SQ4": "SQ4"}
+            "SQ8": "SQ8", "SQ4": "SQ4", "compact": "compact"}
 
 
 def exact_top(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
