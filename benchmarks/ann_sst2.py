@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = ROOT.parent / "shared" / "data" / "sst2" if (ROOT.parent / "shared").is_dir() else Path("/work/shared/data/sst2")
 RESULTS = HERE / "results"
-DEPTH = 100  # lookup.candidate_depth(10, N): the lookup's search depth per list
+DEPTH = 400  # lookup.candidate_depth(10, N): the lookup's search depth per list (100 before compact)
 TARGET = 0.95
 
 
@@ -110,7 +110,7 @@ def pq_m(dim: int) -> int:
 def factories(n: int, dim: int) -> dict[str, str]:
     nlist = int(round(4 * math.sqrt(n)))
     return {"HNSW32": "HNSW32", "IVF": f"IVF{nlist},Flat", "IVF-PQ": f"IVF{nlist},PQ{pq_m(dim)}",
-            "SQ8": "SQ8", "SQ4": "SQ4"}
+            "SQ8": "SQ8", "SQ4": "SQ4", "compact": "compact"}
 
 
 def exact_top(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -275,7 +275,7 @@ def million(store, queries: dict, factory: str, layer: str = "block3", n: int = 
     from lite_influence.store.faiss_layers import _ivf
 
     ivf = _ivf(index)
-    points = (16, 200, 400, 800) if hasattr(index, "hnsw") else (ivf.nprobe // 4, ivf.nprobe // 2, ivf.nprobe)
+    points = (16, 200, 400, 800) if hasattr(index, "hnsw") else (ivf.nprobe // 2, ivf.nprobe, 2 * ivf.nprobe)
     for ef in points:  # HNSW: efSearch (FAISS searches max(efSearch, depth); 16 is its default); IVF: nprobe
         if hasattr(index, "hnsw"):
             index.hnsw.efSearch = ef
@@ -365,7 +365,8 @@ def main() -> None:
     dense = {k: v for k, v in queries.items() if not hasattr(v, "row")}
     if args.million_only:  # the 1M point alone, beside a finished run's tables
         big = million(index.store, dense, args.million)
-        (RESULTS / "ann_sst2_million.json").write_text(json.dumps(big, indent=2, default=float))
+        name = "ann_sst2_million" + ("" if args.million == "IVF4000,Flat" else "_" + args.million.split(",")[0])
+        (RESULTS / f"{name}.json").write_text(json.dumps(big, indent=2, default=float))
         print(json.dumps(big, default=float))
         return
     if args.products_only:  # whole-index comparisons alone, each kind built with the store's defaults

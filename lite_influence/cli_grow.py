@@ -67,7 +67,8 @@ def add(
     with _progress() as progress:
         manifest = add_rows(index_dir, rows_file, model=model, progress=progress)
     added = manifest["history"][-1]["rows"]
-    _said(f"added {added:,} rows (ids {manifest['n'] - added}..{manifest['n'] - 1}) -> {index_dir}", manifest, as_json)
+    _said(f"added {added:,} rows (ids {manifest['n'] - added}..{manifest['n'] - 1}) -> {index_dir} "
+          f"(FAISS {manifest['index_factory']}, from --index-factory {manifest['build']['index_factory']})", manifest, as_json)
 
 
 @app.command(epilog="Examples:\n\n  lite-influence delete runs/index --ids 3,7,12\n\n"

@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import BuildConfig
 from .errors import UserError
-from .store import IndexStore, IndexWriter
+from .store import IndexStore, IndexWriter, resolve_factory
 from .store.combine import Piece, check_exact, combine
 
 
@@ -56,7 +56,7 @@ def add_rows(index: str | Path, rows_file: str | Path, *, model: str | Path | No
                          limit=None, index_factory="Flat")
         added = build_index(model, rows_file, writer.fresh_stage().parent / "added", config, progress=progress).store
         n, m = store.n, added.n
-        manifest = {**store.manifest, "n": n + m,
+        manifest = {**store.manifest, "n": n + m, "index_factory": _factory(store, n + m),
                     "build_seconds": round(store.manifest.get("build_seconds", 0) + added.manifest["build_seconds"], 3),
                     "history": _history(store.manifest, {"op": "add", "file": str(Path(rows_file).resolve()),
                                                          "fingerprint": added.manifest["data"]["fingerprint"],
@@ -80,13 +80,20 @@ def delete_rows(index: str | Path, *, ids: str | list | None = None, where: str 
     kept = np.setdiff1d(np.arange(store.n), removed)
     writer = _writer(store, [])
     try:
-        manifest = {**store.manifest, "n": len(kept),
+        manifest = {**store.manifest, "n": len(kept), "index_factory": _factory(store, len(kept)),
                     "history": _history(store.manifest, {"op": "delete", "selector": selector, "removed": len(removed)})}
         combine([Piece(store, kept, np.arange(len(kept)))], manifest, writer)
         return manifest
     except BaseException:
         writer.abort()
         raise
+
+
+def _factory(store: IndexStore, n: int) -> str:
+    """The FAISS factory for the index's new size: the build's ``--index-factory`` resolved
+    again (``auto`` turns Flat into IVF at 100,000 rows and back, its lists follow N), as a
+    fresh build of those rows would write it."""
+    return resolve_factory(store.manifest["build"].get("index_factory", store.manifest["index_factory"]), n)
 
 
 def _editable(store: IndexStore, what: str) -> None:

@@ -113,3 +113,27 @@ def test_a_failed_add_leaves_the_old_index(bert_dir, train_tsv, tmp_path, capsys
     assert code == 1 and "maybe" in error
     assert before == {f: f.read_bytes() for f in index.path.rglob("*") if f.is_file()}
     assert not any(p.name.startswith(".idx") for p in tmp_path.iterdir())
+
+
+def test_add_and_delete_resolve_auto_again_for_the_new_size(bert_dir, train_tsv, tmp_path, capsys, monkeypatch):
+    """--index-factory auto is resolved by N: an add that crosses the Flat limit writes the
+    IVF a fresh build of all rows would (and says so), a delete back under it writes Flat.
+    (The limit is lowered to 10 rows here, and IVF's lists to 2, so a tiny model crosses it.)"""
+    from lite_influence import InfluenceIndex, build_index
+    from lite_influence.store import faiss_layers
+
+    monkeypatch.setattr(faiss_layers, "AUTO_FLAT_BELOW", 10)
+    monkeypatch.setattr(faiss_layers, "auto_ann", lambda n: "IVF2,Flat")
+    old, new = split(train_tsv, tmp_path, 8)
+    index = build_index(bert_dir, old, tmp_path / "idx", index_factory="auto", **OPTIONS)
+    assert index.manifest["index_factory"] == "Flat" and not index.store.approximate
+    code, _, error = run_cli(capsys, "add", tmp_path / "idx", new)
+    assert code == 0, error
+    assert "FAISS IVF2,Flat, from --index-factory auto" in " ".join(error.split())
+    grown = InfluenceIndex.open(tmp_path / "idx")
+    assert grown.manifest["index_factory"] == "IVF2,Flat" and grown.store.approximate
+    assert faiss_layers._ivf(grown.store.faiss_index(grown.store.layers[-1])).nlist == 2
+    code, _, error = run_cli(capsys, "delete", tmp_path / "idx", "--ids", "0,1,2")
+    assert code == 0, error
+    shrunk = InfluenceIndex.open(tmp_path / "idx")
+    assert shrunk.manifest["index_factory"] == "Flat" and not shrunk.store.approximate and len(shrunk) == 9

@@ -166,38 +166,62 @@ def test_dot_on_an_approximate_index_is_refused_in_one_line(tmp_path):
         store.check_metric("dot")
 
 
+@pytest.mark.parametrize("factory", ["HNSW8", "compact"])
 @pytest.mark.parametrize("agg", ["vote", "rank", "mean"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_approximate_lookup_that_finds_every_example_equals_the_flat_one(tmp_path, agg, sign):
+def test_approximate_lookup_that_finds_every_example_equals_the_flat_one(tmp_path, agg, sign, factory):
     """With fewer examples than the search depth every example is a candidate, so the ANN
     path (FAISS candidates, exact rescoring) must give exactly the Flat lookup's rows."""
     from lite_influence.lookup import lookup
 
     examples = [{"id": i, "text": f"t{i}", "label": 0} for i in range(60)]
     results = []
-    for factory in ("Flat", "HNSW8"):
-        _, store, queries = setup(tmp_path / factory, factory, "cosine")
+    for kind in ("Flat", factory):
+        _, store, queries = setup(tmp_path / kind, kind, "cosine")
         results.append(lookup(store, examples, {"layer": queries}, ["layer"], sign, 7, agg))
     assert [(r["id"], r["score"], r["per_layer"]) for r in results[1]] == \
            [(r["id"], r["score"], r["per_layer"]) for r in results[0]]
 
 
 def test_approximate_lookup_ranks_its_candidates_by_exact_scores(tmp_path):
-    """Past the search depth (N = 400 > 100 candidates) the rows come from FAISS's candidates,
-    each with its exact float64 cosine, mean-aggregated exactly as numpy does on them."""
-    from lite_influence.lookup import candidate_depth, lookup, lookup_scores
+    """Past the search depth (N = 4,000 > 400 candidates) the rows come from FAISS's candidates
+    and the rank sample, each with its exact float64 cosine, mean-aggregated exactly as numpy
+    does on them."""
+    from lite_influence.lookup import RANK_SAMPLE, candidate_depth, lookup, lookup_scores
 
     rng = np.random.default_rng(1)
-    vectors = rng.normal(size=(400, 8)).astype(np.float32)
+    vectors = rng.normal(size=(4000, 8)).astype(np.float32)
     store = write_store(tmp_path, vectors, metric="cosine", factory="HNSW16")
     query = rng.normal(size=(1, 8)).astype(np.float32)
     candidates, _ = lookup_scores(store, {"layer": query}, ["layer"], "cosine", 5)
-    assert candidate_depth(5, 400) == 100 and 100 <= len(candidates) <= 200
+    assert candidate_depth(5, 4000) == 400 and RANK_SAMPLE <= len(candidates) <= 800 + RANK_SAMPLE
     units = vectors.astype(np.float64) / np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
     exact = units @ (query[0] / np.linalg.norm(query[0]))
-    rows = lookup(store, [{"id": i} for i in range(400)], {"layer": query}, ["layer"], 1.0, 5, "mean")
+    rows = lookup(store, [{"id": i} for i in range(4000)], {"layer": query}, ["layer"], 1.0, 5, "mean")
     pool = np.asarray(candidates)
     expected = pool[np.lexsort((pool, -exact[pool]))][:5]
     assert [r["id"] for r in rows] == expected.tolist()
     np.testing.assert_allclose([r["score"] for r in rows], exact[expected], rtol=1e-6)
     assert len(set(expected) & set(np.argsort(-exact)[:5].tolist())) >= 4  # HNSW finds the true top
+
+
+def test_estimated_ranks_match_the_true_ranks_among_all_examples():
+    """An approximate lookup's candidates are placed among all N (lookup.estimated_ranks):
+    exactly within the searched depth, beyond it from the rank sample, checked against the
+    brute-force rank of each candidate's score among every example."""
+    from lite_influence.lookup import estimated_ranks, rank_sample
+
+    rng = np.random.default_rng(3)
+    n, depth = 20_000, 300
+    scores = rng.normal(size=n)
+    truth = np.empty(n)
+    truth[np.argsort(-scores, kind="stable")] = np.arange(n)
+    others = rng.choice(n, 500, replace=False)
+    candidates = np.unique(np.concatenate([np.argsort(-scores)[:depth], others, rank_sample(n)]))
+    ranks = estimated_ranks(scores[candidates], np.searchsorted(candidates, rank_sample(n)), n, depth)
+    top = truth[candidates] < depth
+    np.testing.assert_array_equal(ranks[top], truth[candidates][top])
+    assert np.abs(ranks[~top] - truth[candidates][~top]).max() < 0.03 * n
+    assert (ranks[~top] >= depth).all()
+    within = np.argsort(np.argsort(-scores[candidates]))  # what ranking within the candidates said
+    assert np.abs(within[~top] - truth[candidates][~top]).mean() > 10 * np.abs(ranks[~top] - truth[candidates][~top]).mean()

@@ -12,7 +12,7 @@ not carried: they describe the old rows only.
 
 The result is staged in the writer's partial folder and swapped into place (``IndexWriter``):
 a kill leaves the old index or the new one. Approximate FAISS files (PQ, SQ) do not keep the
-rows exactly and are refused; Flat, HNSW and IVF-Flat ones are exact.
+rows exactly and are refused; Flat, HNSW, IVF-Flat and compact ones are exact.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import UserError
 from .atomic import write_file, write_json
-from .faiss_layers import faiss_module, make_faiss_index, write_faiss
+from .faiss_layers import exact_flat, faiss_module, make_faiss_index, write_faiss
 from .manifest import MANIFEST, problem
 from .reader import EXAMPLE_OFFSETS, SHARD_ROWS, IndexStore
 from .token_rows import by_token
@@ -42,10 +42,11 @@ class Piece:
 
 
 def exact_rows(store: IndexStore, layer: str) -> bool:
-    """Whether the layer's FAISS file gives its rows back exactly (Flat, HNSW, IVF-Flat)."""
+    """Whether the layer's FAISS file gives its rows back exactly (Flat, HNSW, IVF-Flat, and
+    compact's refining index, which keeps the float rows it re-scores with)."""
     faiss = faiss_module()
     index = faiss.downcast_index(store.faiss_index(layer))
-    return isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat, faiss.IndexIVFFlat))
+    return exact_flat(index) is not None or isinstance(index, (faiss.IndexHNSWFlat, faiss.IndexIVFFlat))
 
 
 def check_exact(store: IndexStore, what: str) -> None:

@@ -44,8 +44,31 @@ def auto_ann(n: int) -> str:
 
 
 def resolve_factory(factory: str, n: int) -> str:
-    """The factory string a build of ``n`` examples writes (``auto`` resolved by the rule above)."""
+    """The factory string a build of ``n`` examples writes (``auto`` resolved by the rule above;
+    ``compact`` stays, as each layer's FAISS string depends on its dim: ``compact_factory``)."""
     return factory if factory != AUTO else ("Flat" if n < AUTO_FLAT_BELOW else auto_ann(n))
+
+
+COMPACT = "compact"  # --index-factory compact: what a query holds in RAM ~10x smaller than Flat
+REFINE_FACTOR = 16  # compact: FAISS's 4-bit codes find 16 x k candidates, re-scored exactly from
+# the float rows (mapped, read row by row): on SST-2's real gradients 1,600 candidates per list
+# kept lookup recall@10 at 0.93-1.00 per layer, 800 at 0.83-0.94 (benchmarks/results/ann_sst2.md)
+
+
+def compact_factory(n: int, dim: int) -> str:
+    """IVF (4 sqrt(N) lists, residuals) with 4-bit fast-scan PQ codes of 2 dims each (dim/4
+    bytes a row, 10-16x less than float32), over float rows kept for the exact re-scoring
+    (``RFlat``: memory-mapped, so a query reads the candidates' rows, not the layer)."""
+    if n < 16:  # too few rows to train 16 centroids a code: kept exactly (and this small, Flat is cheap)
+        return "Flat"
+    nlist = max(1, min(int(round(4 * math.sqrt(n))), n // 39))  # FAISS asks >= 39 training rows a list
+    m = max(m for m in range(1, max(1, dim // 2) + 1) if dim % m == 0)
+    return f"IVF{nlist},PQ{m}x4fs,RFlat"
+
+
+def layer_factory(factory: str, n: int, dim: int) -> str:
+    """The FAISS string one layer of ``n`` rows of ``dim`` is built with."""
+    return compact_factory(n, dim) if factory == COMPACT else resolve_factory(factory, n)
 
 
 def approximate(factory: str) -> bool:
@@ -69,7 +92,7 @@ def row_norms(vectors: np.ndarray) -> np.ndarray:
 def check_factory(factory: str) -> None:
     """Refuse a factory string FAISS cannot parse before the slow gradient pass, not after.
     (Whether it suits the data, e.g. PQ's dim or IVF's training size, shows only at the end.)"""
-    if factory == AUTO:
+    if factory in (AUTO, COMPACT):
         return
     faiss = faiss_module()
     try:
@@ -94,6 +117,7 @@ def _training_rows(vectors: np.ndarray, ivf) -> np.ndarray:
 def make_faiss_index(vectors: np.ndarray, metric: str, factory: str):
     """An inner-product index of the given factory string, trained if it needs training."""
     faiss = faiss_module()
+    factory = layer_factory(factory, len(vectors), vectors.shape[1])
 
     def prepared(rows):
         data = normalise(rows) if metric == "cosine" else np.ascontiguousarray(rows, np.float32)
@@ -110,6 +134,8 @@ def make_faiss_index(vectors: np.ndarray, metric: str, factory: str):
         ivf = _ivf(index)
         if ivf is not None and ivf.nprobe == 1:  # FAISS's default probe finds ~0.8 of the top 10
             ivf.nprobe = -(-ivf.nlist // PROBE_SHARE)
+        if _refine(index) is not None:
+            _refine(index).k_factor = REFINE_FACTOR
     except RuntimeError as exc:
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "FAISS error"
         raise UserError(f"FAISS index '{factory}' failed on {vectors.shape[0]} vectors of dim "
@@ -164,6 +190,15 @@ def flat_vectors(index) -> np.ndarray:
     return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
+def exact_flat(index):
+    """The flat index of an index's exact float rows (itself for Flat, the re-scoring rows of
+    a refining one: ``compact``), or None (HNSW, IVF, PQ, SQ: reconstructed through FAISS)."""
+    faiss = faiss_module()
+    refine = _refine(index)
+    inner = faiss.downcast_index(refine.refine_index) if refine is not None else index
+    return inner if isinstance(inner, faiss.IndexFlat) else None
+
+
 def aligned_product(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """``queries @ vectors.T`` in float32, an aligned copy of a block of rows at a time: a
     memory-mapped FAISS Flat file puts its rows at byte 45, and numpy gives unaligned arrays to
@@ -189,11 +224,43 @@ def _scan(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return np.take_along_axis(scores, ids, 1), ids.astype(np.int64)
 
 
+def _refine(index):
+    """The refining wrapper of an index (``...,RFlat``: codes searched, float rows re-score), or None."""
+    index = faiss_module().downcast_index(index)
+    return index if isinstance(index, faiss_module().IndexRefine) else None
+
+
+def _hnsw(index):
+    index = faiss_module().downcast_index(index)
+    return index if isinstance(index, faiss_module().IndexHNSW) else None
+
+
 def make_reconstructable(index) -> None:
-    """IVF indexes reconstruct only through a direct map; build it on first use."""
-    ivf = _ivf(index)
+    """IVF indexes reconstruct only through a direct map; build it on first use (a refining
+    index reconstructs from its float rows, not its codes)."""
+    ivf = _ivf(index) if _refine(index) is None else None
     if ivf is not None and ivf.direct_map.type == faiss_module().DirectMap.NoMap:
         ivf.make_direct_map()
+
+
+def search_parameters(index, k: int):
+    """What a search of depth ``k`` must tell FAISS: HNSW explores max(efSearch, k) nodes (with
+    efSearch 16 a search of depth 12,123 on SST-2's block3 returned 301-445 ids, with k all of
+    them); a refining index fetches k_factor x k candidates, at most all N."""
+    faiss = faiss_module()
+    refine, params = _refine(index), None
+    hnsw = _hnsw(refine.base_index if refine is not None else index)
+    if hnsw is not None and hnsw.hnsw.efSearch < k:
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = k
+    if refine is not None:
+        outer = faiss.IndexRefineSearchParameters()
+        outer.k_factor = float(max(1.0, min(refine.k_factor, index.ntotal / max(1, k))))
+        if params is not None:
+            outer.base_index_params = params
+        outer.inner = params  # kept alive as long as the outer one
+        params = outer
+    return params
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,12 +269,13 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     widened until every row has k ids."""
     if len(queries) <= FEW_QUERIES and isinstance(index, faiss_module().IndexFlat):
         return _scan(flat_vectors(index), queries, k)
-    scores, ids = index.search(queries, k)
+    params = search_parameters(index, k)
+    scores, ids = index.search(queries, k, params=params)
     ivf = _ivf(index)
     stored = ivf.nprobe if ivf is not None else None
     while ivf is not None and (ids < 0).any() and ivf.nprobe < ivf.nlist:
         ivf.nprobe = min(ivf.nlist, 2 * ivf.nprobe)
-        scores, ids = index.search(queries, k)
+        scores, ids = index.search(queries, k, params=params)
     if ivf is not None:  # widened for this search only: a deep audit search must not slow later lookups
         ivf.nprobe = stored
     return scores, ids

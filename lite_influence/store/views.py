@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .faiss_layers import faiss_module, flat_vectors, make_reconstructable, normalise, read_faiss
+from .faiss_layers import exact_flat, flat_vectors, make_reconstructable, normalise, read_faiss
 from .token_rows import TokenRows
 
 TOKEN_FILES = ("indptr", "tokens", "values")
@@ -130,9 +130,9 @@ class DenseLayer:
         return self._norms
 
     def _stored(self, ids=None) -> np.ndarray:
-        index = self.index
-        if ids is None and isinstance(index, faiss_module().IndexFlat):
-            return flat_vectors(index)  # a view of FAISS's own memory: no copy
+        index, flat = self.index, exact_flat(self.index)
+        if flat is not None:  # a view of FAISS's own memory: no copy (ids: those rows read)
+            return flat_vectors(flat) if ids is None else flat_vectors(flat)[np.asarray(ids, dtype=np.int64)]
         make_reconstructable(index)
         if ids is None:
             return index.reconstruct_n(0, self.n)
@@ -141,7 +141,7 @@ class DenseLayer:
 
     def vectors(self, ids=None, metric: str = "cosine") -> np.ndarray:
         """Rows as ``metric`` compares them: unit rows (cosine) or raw ones (dot); exact for
-        Flat/HNSW/IVF, approximate for PQ."""
+        Flat/HNSW/IVF/compact, approximate for PQ and SQ."""
         stored = self._stored(ids)
         if metric == "cosine":
             return normalise(stored) if self.holds == "raw" else stored
