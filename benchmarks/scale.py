@@ -36,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 VOCAB, TOKEN_DIM = 30_522, 64
-DENSE = {**{f"block{b}": 256 for b in range(6)}, "head": 770}  # MiniLM, default build
+DENSE = {**{f"block{b}": 1024 for b in range(6)}, "head": 770}  # MiniLM, default build (mixed: 4 x 64 x 4
+# attention matrices a block; --block-dim 256 for the 8 x 8 projections, scale.md's first rounds)
 CHUNK = 65_536
 
 
@@ -191,7 +192,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--work", type=Path, default=Path("/tmp/li-scale"))
     parser.add_argument("--keep", action="store_true", help="keep the synthetic indexes (reruns reuse them)")
+    parser.add_argument("--block-dim", type=int, default=1024, help="dims per attention block (1,024: mixed; 256: pca 8 x 8)")
+    parser.add_argument("--name", default="scale", help="results/NAME.json and NAME.md")
     args = parser.parse_args()
+    DENSE.update({name: args.block_dim for name in DENSE if name != "head"})
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         rows.append(measure(args.work, n, args.keep))
@@ -199,8 +203,8 @@ def main() -> None:
     text = table(rows)
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.md").write_text(text + "\n")
-    (RESULTS / "scale.json").write_text(json.dumps({"rows": rows}, indent=2))
+    (RESULTS / f"{args.name}.md").write_text(text + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"rows": rows, "block_dim": args.block_dim}, indent=2))
 
 
 if __name__ == "__main__":
