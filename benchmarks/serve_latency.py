@@ -100,7 +100,7 @@ def measure(index, url: str, k: int, repeats: int) -> list[dict]:
 
 
 def report(rows: list[dict]) -> str:
-    lines = ["# Warm query latency through the server (MiniLM, default projection: 1,024 dims per block)", "",
+    lines = ["# Warm query latency through the server (MiniLM, default projection)", "",
              "HTTP: `ask_server` from this process to a real server (uvicorn, a new connection per query), query "
              "gradient included; in-process: `InfluenceIndex.query` here; floor: this query's gradient plus a numpy "
              "float32 scan of the same vectors (aligned in-memory rows, one product per layer for both sides). "
