@@ -20,6 +20,7 @@ default before and after ``--energy`` and the widths around it:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pickle
@@ -71,7 +72,7 @@ def sketch_scores(index, queries) -> tuple[dict, dict, dict]:
         view = index.store.layer(layer)
         q = grads.vectors[layer]
         scores = np.asarray(view.scores(view.prepare(q, "dot"), "dot"), np.float64).T
-        q_norm = np.sqrt(np.asarray(q.norms(), np.float64) ** 2) if hasattr(q, "norms") else \
+        q_norm = np.asarray(q.norms(), np.float64) if hasattr(q, "norms") else \
             np.sqrt((np.asarray(q, np.float64) ** 2).sum(1))
         norms[layer] = np.asarray(view.norms(), np.float64)
         dot[layer] = scores
@@ -110,10 +111,17 @@ def ndr_gaps(index, exact, dot, cos) -> dict:
     return gaps
 
 
-def run_one(run: Path, spec_text: str) -> dict:
+@functools.lru_cache(maxsize=1)
+def run_inputs(run: Path) -> tuple[int, dict, object]:
+    """A run's seed, exact score matrices and queries: read once for all its specs."""
     seed = int(run.name.split("-s")[1])
-    exact = pickle.load(open(run / "stage-exact.pkl", "rb"))
-    queries = load_examples(run.parent / f"queries-s{seed}.tsv")
+    with open(run / "stage-exact.pkl", "rb") as f:
+        exact = pickle.load(f)
+    return seed, exact, load_examples(run.parent / f"queries-s{seed}.tsv")
+
+
+def run_one(run: Path, spec_text: str) -> dict:
+    seed, exact, queries = run_inputs(run)
     spec = parse(spec_text)
     folder, seconds, load = build(run, seed, spec)
     index = lite_influence.InfluenceIndex.open(folder)
