@@ -133,7 +133,7 @@ def test_planted_backdoor_exact_and_projected_scores_match_autograd_and_the_hook
     covariances = fit_covariances(loaded, units, enc, labels, length_batches([len(e["input_ids"]) for e in enc], 2), pca_fits)
 
     class Args:
-        exact_max, seed, batch_size = 0, 0, 2
+        exact_max, seed, batch_size, draws = 0, 0, 2, 1
         specs = ["hybrid:0.5:1 x pca k=2", "spectral:0.5 k=2", "tokens-exact x pca k=2", "tokens-exact x random k=2",
                  "tokens-exact x pca k=999"]
 
@@ -151,6 +151,44 @@ def test_planted_backdoor_exact_and_projected_scores_match_autograd_and_the_hook
     shares = pb.shares(scores["exact"], {"all": list(layers)}, [0, 1], "cosine")
     assert set(shares) == set(layers) | {"all"} and all(0 <= v["aggregated"] <= 1 for v in shares.values())
     assert set(pb.shares(scores["tokens-exact x pca k=2"], {"all": list(layers)}, [0, 1], "cosine")) == {"embeddings"}
+
+
+def test_planted_backdoor_draws_are_distinct_seeds_and_averaged_per_source(bert_dir):
+    """--draws: each source is drawn with consecutive projection seeds (a random sketch differs
+    between draws, the same seed gives the same matrices) and the table's cell is the mean over
+    the draws of each share, beside their spread."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("planted_backdoor", SCRIPT.parent / "planted_backdoor.py")
+    pb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb)
+    from lite_influence.gradients import fit_covariances, length_batches
+    from lite_influence.layers import discover_units, select_units
+    from lite_influence.models import encode, load_model
+    from lite_influence.projection import pca_fits
+
+    loaded = load_model(bert_dir)
+    enc = encode(loaded, ["good movie", "the plot was very dull", "awful actor"], None, 32)
+    units = select_units(discover_units(loaded.model), "attention")
+    covariances = fit_covariances(loaded, units, enc, [1, 0, 0], length_batches([len(e["input_ids"]) for e in enc], 2), pca_fits)
+
+    class Args:
+        exact_max, seed, batch_size, draws = 0, 5, 2, 2
+        specs = ["random x random k=2"]
+
+    drawn = pb.drawn_sources(units, covariances, Args)
+    assert set(drawn) == {"default @5", "default @6", "random x random k=2 @5", "random x random k=2 @6"}
+    unit = units[1].name
+    a, b = drawn["random x random k=2 @5"][unit], drawn["random x random k=2 @6"][unit]
+    again = pb.sources(units, covariances, Args, seed=6)["random x random k=2"][unit]
+    assert not np.allclose(a.inp.matrix, b.inp.matrix) and np.array_equal(b.inp.matrix, again.inp.matrix)
+    means, draws = pb.draw_means({"s @5": {"block0": {"aggregated": 0.2, "per_query": 0.1}},
+                                  "s @6": {"block0": {"aggregated": 0.6, "per_query": 0.3}},
+                                  "exact": {"block0": {"aggregated": 1.0, "per_query": 0.5}}})
+    assert means["s"]["block0"] == {"aggregated": 0.4, "per_query": 0.2} and draws["s"]["block0"]["aggregated"] == [0.2, 0.6]
+    assert means["exact"]["block0"]["aggregated"] == 1.0
+    assert pb.share_cell(means["s"]["block0"], draws["s"]["block0"]) == "0.40\u00b10.20 / 0.20"
+    assert pb.share_cell(means["exact"]["block0"], draws["exact"]["block0"]) == "1.00 / 0.50"
 
 
 def test_the_library_default_is_the_benchmarks_winning_candidate_on_dense_units():
