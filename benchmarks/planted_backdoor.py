@@ -218,18 +218,7 @@ def sources(units, covariances, args, seed: int | None = None) -> dict[str, dict
     named ``DEFAULT``) and every candidate spec of ``sketches`` in ``args.specs``, their random
     parts drawn with projection seed ``seed`` (default ``args.seed``)."""
     seed = args.seed if seed is None else seed
-    from lite_influence.config import BuildConfig
-    from lite_influence.projection import fitted_projector, keeps_tokens, token_projector
-
-    d = BuildConfig().validate()
-
-    def default(u):  # as build.py makes it; the exact token side scored by the identity
-        if keeps_tokens(u, d.token_dim):
-            return sketches.TokensExact(u, token_projector(d.projection, u, d.token_dim, seed, covariances[u.name]).out)
-        return fitted_projector(d.projection, u, unit_k(u, d.proj_dim, args.exact_max, d.proj_dim_in), seed,
-                                covariances[u.name], d.energy, d.proj_dim_max)
-
-    out = {DEFAULT: {u.name: default(u) for u in units}}
+    out = {DEFAULT: sketches.library_default(units, seed, covariances, args.exact_max)}
     for spec in args.specs:
         out[spec] = sketches.candidate(spec, units, seed, covariances, args.exact_max)
     return out

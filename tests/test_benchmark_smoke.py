@@ -299,3 +299,45 @@ def test_lds_kronfluence_part(lds_run):
     assert first["checks"]["kronfluence_vs_exact_dot"] > 0  # the sign conventions agree
     assert first["times"]["kronfluence ekfac"]["total_s"] > 0
     assert second["skipped"] == "--no-kronfluence" and "kronfluence ekfac" not in second["lds"]
+
+
+# ------------------------------------------------------------------ fidelity.py
+
+
+def test_fidelity_scores_the_library_default_and_whole_sketches_equal_exact_gradients(bert_dir):
+    """fidelity.py's Grams of a source against its autograd reference: sketches that keep every
+    matrix whole (and the embeddings' whole hidden side) give exact Grams in every layer, and
+    the library's default source covers every layer, the embeddings through their token side."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import fidelity
+    import sketches
+    from lite_influence.gradients import fit_covariances, length_batches
+    from lite_influence.layers import assign_layers, discover_units, select_units
+    from lite_influence.models import encode, load_model
+    from lite_influence.projection import pca_fits
+
+    loaded = load_model(bert_dir)
+    texts, labels = ["good movie", "the plot was very dull", "not quite a great film", "awful actor"], [1, 0, 0, 0]
+    units = select_units(discover_units(loaded.model), "attention")
+    layers = assign_layers(units, "layer")
+    linear, rows = fidelity.exact_gradients(loaded, units, texts, labels, 32)
+    exact = fidelity.exact_grams(layers, linear, rows)
+    enc = encode(loaded, texts, None, 32)
+    covariances = fit_covariances(loaded, units, enc, labels, length_batches([len(e["input_ids"]) for e in enc], 2), pca_fits)
+
+    class Args:
+        batch_size = 2
+
+    whole = {**sketches.candidate("pca k=999", units, 0, covariances, 10**9),
+             **sketches.candidate("tokens-exact x pca k=999", units, 0, covariances, 10**9)}
+    grams, _ = fidelity.source_grams(loaded, layers, whole, enc, labels, rows, Args)
+    assert set(grams) == set(layers)
+    for name in layers:
+        assert np.allclose(grams[name], exact[name], rtol=1e-4, atol=1e-6 * np.abs(exact[name]).max()), name
+    default, dims = fidelity.source_grams(loaded, layers, sketches.candidate("default", units, 0, covariances, 1024),
+                                          enc, labels, rows, Args)
+    assert set(default) == set(layers) and "x" in str(dims["embeddings"])
