@@ -341,3 +341,17 @@ def test_fidelity_scores_the_library_default_and_whole_sketches_equal_exact_grad
     default, dims = fidelity.source_grams(loaded, layers, sketches.candidate("default", units, 0, covariances, 1024),
                                           enc, labels, rows, Args)
     assert set(default) == set(layers) and "x" in str(dims["embeddings"])
+
+
+def test_sketch_ndr_specs_name_their_projection_seed():
+    """sketch_ndr.py: ``NAME@S`` is another draw of the same sketch (projection seed S, its own
+    cached index); a plain NAME builds with the run's seed."""
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import sketch_ndr
+
+    drawn, plain = sketch_ndr.parse("mixed32-e0.8@2:mixed:4:32:192:0.8"), sketch_ndr.parse("mixed32-e0.8:mixed:4:32:192:0.8")
+    assert drawn.pop("seed") == 2 and "seed" not in plain
+    assert {k: v for k, v in drawn.items() if k != "name"} == {k: v for k, v in plain.items() if k != "name"}
+    assert drawn["energy"] == 0.8 and drawn["proj_dim_in"] == 32 and drawn["token_dim"] == 192
