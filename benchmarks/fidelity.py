@@ -227,19 +227,30 @@ def tokens_exact_gram(spec_side, embedding_rows, vocab: int) -> np.ndarray:
     return embedding_gram(projected, vocab, projected[0][1].shape[1])
 
 
+def source_grams(loaded, layers, by_unit: dict, encodings, labels, embedding_rows, args) -> tuple[dict, dict]:
+    """({layer: Gram}, {layer: dims}) of one source over the layers it covers: a
+    ``TokensExact`` embeddings side through the token-equality identity, the others from the
+    vectors the hooks store."""
+    tokens = {n: ms for n, ms in layers.items() if isinstance(by_unit.get(ms[0].name), sketches.TokensExact)}
+    dense = {n: ms for n, ms in layers.items() if n not in tokens and all(u.name in by_unit for u in ms)}
+    grams, dims = {}, {}
+    for name, members in tokens.items():
+        grams[name] = tokens_exact_gram(by_unit[members[0].name].out, embedding_rows, members[0].in_dim)
+        dims[name] = f"{np.mean([len(i) for i, _ in embedding_rows]):.1f}x{by_unit[members[0].name].out.k}"
+    if dense:
+        vectors = projected_vectors(loaded, [by_unit[u.name] for ms in dense.values() for u in ms], dense, encodings,
+                                    labels, args.batch_size)
+        grams.update({name: gram(v) for name, v in vectors.items()})
+        dims.update({name: int(v.shape[1]) for name, v in vectors.items()})
+    return grams, dims
+
+
 def candidate_sweep(loaded, units, layers, encodings, labels, exact, covariances, embedding_rows, args) -> dict:
     """Spearman (dot, cosine) and dims per layer of every candidate of benchmarks/sketches.py."""
     out = {}
     for spec in args.specs:
-        by_unit = sketches.candidate(spec, units, args.seed, covariances, args.exact_max)
-        if any(isinstance(p, sketches.TokensExact) for p in by_unit.values()):
-            (name, members), = [(n, ms) for n, ms in layers.items() if any(u.name in by_unit for u in ms)]
-            grams = {name: tokens_exact_gram(by_unit[members[0].name].out, embedding_rows, members[0].in_dim)}
-            dims = {name: f"{np.mean([len(i) for i, _ in embedding_rows]):.1f}x{by_unit[members[0].name].out.k}"}
-        else:
-            vectors = projected_vectors(loaded, [by_unit[u.name] for u in units], layers, encodings, labels, args.batch_size)
-            grams = {name: gram(v) for name, v in vectors.items()}
-            dims = {name: int(v.shape[1]) for name, v in vectors.items()}
+        grams, dims = source_grams(loaded, layers, sketches.candidate(spec, units, args.seed, covariances, args.exact_max),
+                                   encodings, labels, embedding_rows, args)
         out[spec] = {"dims": dims, **{m: {name: spearman_pairs(exact[name], g, m == "cosine") for name, g in grams.items()}
                                       for m in ("dot", "cosine")}}
         print(f"{spec}: " + " ".join(f"{n}={v:.3f}" for n, v in out[spec]["dot"].items()), flush=True)

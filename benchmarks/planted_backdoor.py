@@ -213,24 +213,41 @@ def project(projector, captured) -> torch.Tensor:
 # ------------------------------------------------------------------ sources and scores
 
 
-def sources(units, covariances, args) -> dict[str, dict[str, object]]:
+def sources(units, covariances, args, seed: int | None = None) -> dict[str, dict[str, object]]:
     """{source name: {unit name: projector}}: the library's default (what ``build`` stores,
-    named ``DEFAULT``) and every candidate spec of ``sketches`` in ``args.specs``."""
-    from lite_influence.config import BuildConfig
-    from lite_influence.projection import fitted_projector, keeps_tokens, token_projector
-
-    d = BuildConfig().validate()
-
-    def default(u):  # as build.py makes it; the exact token side scored by the identity
-        if keeps_tokens(u, d.token_dim):
-            return sketches.TokensExact(u, token_projector(d.projection, u, d.token_dim, args.seed, covariances[u.name]).out)
-        return fitted_projector(d.projection, u, unit_k(u, d.proj_dim, args.exact_max, d.proj_dim_in), args.seed,
-                                covariances[u.name], d.energy, d.proj_dim_max)
-
-    out = {DEFAULT: {u.name: default(u) for u in units}}
+    named ``DEFAULT``) and every candidate spec of ``sketches`` in ``args.specs``, their random
+    parts drawn with projection seed ``seed`` (default ``args.seed``)."""
+    seed = args.seed if seed is None else seed
+    out = {DEFAULT: sketches.library_default(units, seed, covariances, args.exact_max)}
     for spec in args.specs:
-        out[spec] = sketches.candidate(spec, units, args.seed, covariances, args.exact_max)
+        out[spec] = sketches.candidate(spec, units, seed, covariances, args.exact_max)
     return out
+
+
+def drawn_sources(units, covariances, args) -> dict[str, dict[str, object]]:
+    """Every source drawn ``args.draws`` times with projection seeds seed, seed+1, ...,
+    named ``"SOURCE @SEED"``: one draw of a random sketch moves a share by up to 0.13 here,
+    so a comparison of sources on one draw says more about the seed than the sketch."""
+    out = {}
+    for seed in range(args.seed, args.seed + args.draws):
+        out.update({f"{name} @{seed}": p for name, p in sources(units, covariances, args, seed).items()})
+    return out
+
+
+def family(name: str) -> str:
+    """The source a drawn name belongs to: ``"default @3"`` -> ``"default"``."""
+    return name.rsplit(" @", 1)[0] if " @" in name else name
+
+
+def draw_means(by_source: dict) -> tuple[dict, dict]:
+    """({family: {layer: {score: mean over draws}}}, {family: {layer: {score: [draws]}}})."""
+    draws: dict = {}
+    for name, by in by_source.items():
+        for layer, x in by.items():
+            for score, v in x.items():
+                draws.setdefault(family(name), {}).setdefault(layer, {}).setdefault(score, []).append(v)
+    means = {f: {l: {s: float(np.mean(v)) for s, v in x.items()} for l, x in by.items()} for f, by in draws.items()}
+    return means, draws
 
 
 def unit_cross(p, a, b) -> torch.Tensor:
@@ -382,18 +399,21 @@ def run_setup(setup: dict, args) -> dict:
     sample = np.random.default_rng(args.seed).permutation(len(train_enc))[: args.fit_examples]
     fit_batches = [[int(sample[j]) for j in b] for b in length_batches([len(train_enc[i]["input_ids"]) for i in sample], args.batch_size)]
     covariances = fit_covariances(loaded, units, train_enc, labels, fit_batches, pca_fits)
-    projectors = sources(units, covariances, args)
+    projectors = drawn_sources(units, covariances, args)
     query_enc = encode(loaded, queries[: args.queries], None, args.max_length)
     t1 = time.perf_counter()
     scores = layer_scores(loaded, units, layers, projectors, train_enc, labels, query_enc, args)
     score_s = time.perf_counter() - t1
-    checks = {"hook_rel_error": hook_check(loaded, units, layers, projectors[DEFAULT], train_enc, labels, planted[:2] + [0, 1]),
+    checks = {"hook_rel_error": hook_check(loaded, units, layers, projectors[f"{DEFAULT} @{args.seed}"], train_enc, labels, planted[:2] + [0, 1]),
               "exact_rel_error": exact_check(loaded, units, train_enc, labels, (planted[0], 3))}
-    dims = source_dims(projectors, layers, train_enc)
+    dims = {family(s): d for s, d in source_dims(projectors, layers, train_enc).items()}
+    per_draw = {m: {s: shares(v, groups, planted, m, scores["exact"]) for s, v in scores.items()}
+                for m in ("cosine", "dot", "cosine-en")}
+    averaged = {m: draw_means(v) for m, v in per_draw.items()}
     result = {"setup": setup, "planted": planted, "asr": asr, "clean_accuracy": clean_acc,
-              "queries": len(query_enc), "dims": dims, "checks": checks,
-              "share": {m: {s: shares(v, groups, planted, m, scores["exact"]) for s, v in scores.items()}
-                        for m in ("cosine", "dot", "cosine-en")},
+              "queries": len(query_enc), "dims": dims, "checks": checks, "draws": args.draws,
+              "share": {m: v[0] for m, v in averaged.items()},
+              "share_draws": {m: v[1] for m, v in averaged.items()},
               "seconds": {"train_or_load": round(train_s, 1), "scoring": round(score_s, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
     print(f"setup {setup}: ASR {asr:.2f}, clean acc {clean_acc:.2f}, checks {checks}", flush=True)
@@ -405,12 +425,22 @@ def run_setup(setup: dict, args) -> dict:
 # ------------------------------------------------------------------ report
 
 
+def share_cell(mean: dict, draws: dict) -> str:
+    """"aggregated / per query" as means over the draws, with the aggregated share's standard
+    deviation over them where there is more than one."""
+    sd = f"±{np.std(draws['aggregated']):.2f}" if len(draws["aggregated"]) > 1 and np.std(draws["aggregated"]) > 0 else ""
+    return f"{mean['aggregated']:.2f}{sd} / {mean['per_query']:.2f}"
+
+
 def table(result: dict, metric: str, names: list[str], cell) -> list[str]:
     lines = ["| source | dims block/emb | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
+    draws = result.get("share_draws", {}).get(metric, {})
     for source, by in result["share"][metric].items():
         dims = result["dims"].get(source)
         d = "exact" if dims is None else f"{dims.get('block0', '-')}/{dims.get('embeddings', '-')}"
-        lines.append(f"| {source} | {d} | " + " | ".join(cell(by[n]) if n in by else "-" for n in names) + " |")
+        spread = draws.get(source, {})
+        lines.append(f"| {source} | {d} | " + " | ".join(
+            cell(by[n], spread.get(n, {k: [v] for k, v in by[n].items()})) if n in by else "-" for n in names) + " |")
     return lines
 
 
@@ -429,7 +459,9 @@ def markdown(results: list[dict], args) -> str:
              f"`python benchmarks/planted_backdoor.py`. Sources: `exact` gradients; `{DEFAULT}`, the library's "
              f"default projection (what `build` stores); the candidates of `benchmarks/sketches.py` "
              f"(`IN x OUT k=K`: the scheme of each side, K dims per side, K^2 per unit; `k=KINxKOUT`: KIN input-side and KOUT output-side dims). "
-             f"Dims: numbers per example for block0 / embeddings.", ""]
+             f"Dims: numbers per example for block0 / embeddings. Every projected source is drawn "
+             f"{args.draws} time(s) with projection seeds {args.seed}..{args.seed + args.draws - 1} (the same model and "
+             f"fit sample): cells are means over the draws, ± the aggregated share's standard deviation.", ""]
     for r in results:
         s = r["setup"]
         groups = [n for n in ("embeddings", "early", "middle", "late", "head", "all") if n in r["share"]["cosine"]["exact"]]
@@ -440,11 +472,11 @@ def markdown(results: list[dict], args) -> str:
                   f"{r['clean_accuracy']:.3f}; {r['queries']} queries; checks: hooks rel. error "
                   f"{r['checks']['hook_rel_error']:.1e}, exact vs autograd rel. error {r['checks']['exact_rel_error']:.1e}.", "",
                   "### cosine, groups", ""]
-        lines += table(r, "cosine", groups, lambda x: f"{x['aggregated']:.2f} / {x['per_query']:.2f}")
+        lines += table(r, "cosine", groups, share_cell)
         lines += ["", "### cosine, layers (aggregated / per query)", ""]
-        lines += table(r, "cosine", layer_names, lambda x: f"{x['aggregated']:.2f} / {x['per_query']:.2f}")
+        lines += table(r, "cosine", layer_names, share_cell)
         lines += ["", "### dot, groups", ""]
-        lines += table(r, "dot", groups, lambda x: f"{x['aggregated']:.2f} / {x['per_query']:.2f}")
+        lines += table(r, "dot", groups, share_cell)
         worst = min((v[k], n, k) for n, v in gaps(r, DEFAULT, "random k=16").items() for k in v)
         lines += ["", f"{DEFAULT} minus random k=16 (cosine), worst layer or group: {worst[0]:+.3f} ({worst[1]}, {worst[2]}).", ""]
     return "\n".join(lines)
@@ -462,8 +494,9 @@ run again its new sources added (or replacing the old ones of the same name)."""
             continue
         fresh = new.pop(setup_name(r["setup"]), None)
         if fresh is not None:  # the same setup: this run's sources replace or join the old ones
-            for metric in fresh["share"]:
-                r["share"][metric] = {**r["share"].get(metric, {}), **fresh["share"][metric]}
+            for key in ("share", "share_draws"):
+                for metric in fresh.get(key, {}):
+                    r.setdefault(key, {})[metric] = {**r.get(key, {}).get(metric, {}), **fresh[key][metric]}
             r["dims"] = {**r["dims"], **fresh["dims"]}
             r.update({k: fresh[k] for k in ("asr", "clean_accuracy", "checks", "seconds")})
         out.append(r)
@@ -488,6 +521,8 @@ def main() -> None:
     parser.add_argument("--selector", default="attention")
     parser.add_argument("--exact-max", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draws", type=int, default=3,
+                        help="projection seeds per source (seed, seed+1, ...): cells are means over them")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lite-influence-planted-backdoor")
     parser.add_argument("--out", type=Path, default=RESULTS)

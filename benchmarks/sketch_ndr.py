@@ -46,10 +46,15 @@ AGGS = ("mean", "rank", "vote")
 
 
 def parse(spec: str) -> dict:
+    """A spec as build options; a NAME ending in ``@S`` builds with projection seed S (another
+    draw of the same sketch), else the run's own seed."""
     name, projection, k_out, k_in, token_dim, *rest = spec.split(":")
-    return dict(name=name, projection=projection, proj_dim=int(k_out), proj_dim_in=None if k_in == "-" else int(k_in),
-                token_dim=int(token_dim), energy=float(rest[0]) if rest else 0.0,
-                proj_dim_max=int(rest[1]) if len(rest) > 1 else 64)
+    out = dict(name=name, projection=projection, proj_dim=int(k_out), proj_dim_in=None if k_in == "-" else int(k_in),
+               token_dim=int(token_dim), energy=float(rest[0]) if rest else 0.0,
+               proj_dim_max=int(rest[1]) if len(rest) > 1 else 64)
+    if "@" in name:
+        out["seed"] = int(name.rsplit("@", 1)[1])
+    return out
 
 
 def build(run: Path, seed: int, spec: dict) -> tuple[Path, float, float]:
@@ -57,9 +62,9 @@ def build(run: Path, seed: int, spec: dict) -> tuple[Path, float, float]:
     folder, load = run / f"sketch-{spec['name']}", os.getloadavg()[0]
     start = time.perf_counter()
     if not (folder / "manifest.json").exists():
-        options = {k: v for k, v in spec.items() if k != "name"}
+        options = {k: v for k, v in spec.items() if k not in ("name", "seed")}
         lite_influence.build_index(run / "model", run / "model" / "train_used.tsv", folder, force=True, metric="dot",
-                                   seed=seed, max_length=128, batch_size=16, **options)
+                                   seed=spec.get("seed", seed), max_length=128, batch_size=16, **options)
     return folder, time.perf_counter() - start, load
 
 

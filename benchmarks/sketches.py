@@ -83,9 +83,29 @@ def parse(spec: str) -> tuple[str, str, int, int]:
     return schemes[0], schemes[-1], int(ks[0]), int(ks[-1])
 
 
+def library_default(units, seed: int, covariances: dict, exact_max: int) -> dict:
+    """{unit name: projector} as ``build`` makes them with BuildConfig's defaults (the
+    embeddings' exact token side as ``TokensExact``): the benchmarks score what users get."""
+    from lite_influence.config import BuildConfig
+    from lite_influence.projection import fitted_projector, keeps_tokens, token_projector
+
+    d = BuildConfig().validate()
+    out = {}
+    for u in units:
+        if keeps_tokens(u, d.token_dim):
+            out[u.name] = TokensExact(u, token_projector(d.projection, u, d.token_dim, seed, covariances[u.name]).out)
+        else:
+            out[u.name] = fitted_projector(d.projection, u, unit_k(u, d.proj_dim, exact_max, d.proj_dim_in), seed,
+                                           covariances[u.name], d.energy, d.proj_dim_max)
+    return out
+
+
 def candidate(spec: str, units, seed: int, covariances: dict, exact_max: int) -> dict:
-    """{unit name: UnitProjector or TokensExact} for one spec. A ``tokens-exact`` spec covers
-    the embeddings only (its out scheme and k_out apply to their hidden side)."""
+    """{unit name: UnitProjector or TokensExact} for one spec; ``"default"``: the library's
+    default. A ``tokens-exact`` spec covers the embeddings only (its out scheme and k_out apply
+    to their hidden side)."""
+    if spec == "default":
+        return library_default(units, seed, covariances, exact_max)
     scheme_in, scheme_out, k_in, k_out = parse(spec)
     out = {}
     for u in units:

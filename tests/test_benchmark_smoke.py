@@ -133,7 +133,7 @@ def test_planted_backdoor_exact_and_projected_scores_match_autograd_and_the_hook
     covariances = fit_covariances(loaded, units, enc, labels, length_batches([len(e["input_ids"]) for e in enc], 2), pca_fits)
 
     class Args:
-        exact_max, seed, batch_size = 0, 0, 2
+        exact_max, seed, batch_size, draws = 0, 0, 2, 1
         specs = ["hybrid:0.5:1 x pca k=2", "spectral:0.5 k=2", "tokens-exact x pca k=2", "tokens-exact x random k=2",
                  "tokens-exact x pca k=999"]
 
@@ -151,6 +151,44 @@ def test_planted_backdoor_exact_and_projected_scores_match_autograd_and_the_hook
     shares = pb.shares(scores["exact"], {"all": list(layers)}, [0, 1], "cosine")
     assert set(shares) == set(layers) | {"all"} and all(0 <= v["aggregated"] <= 1 for v in shares.values())
     assert set(pb.shares(scores["tokens-exact x pca k=2"], {"all": list(layers)}, [0, 1], "cosine")) == {"embeddings"}
+
+
+def test_planted_backdoor_draws_are_distinct_seeds_and_averaged_per_source(bert_dir):
+    """--draws: each source is drawn with consecutive projection seeds (a random sketch differs
+    between draws, the same seed gives the same matrices) and the table's cell is the mean over
+    the draws of each share, beside their spread."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("planted_backdoor", SCRIPT.parent / "planted_backdoor.py")
+    pb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb)
+    from lite_influence.gradients import fit_covariances, length_batches
+    from lite_influence.layers import discover_units, select_units
+    from lite_influence.models import encode, load_model
+    from lite_influence.projection import pca_fits
+
+    loaded = load_model(bert_dir)
+    enc = encode(loaded, ["good movie", "the plot was very dull", "awful actor"], None, 32)
+    units = select_units(discover_units(loaded.model), "attention")
+    covariances = fit_covariances(loaded, units, enc, [1, 0, 0], length_batches([len(e["input_ids"]) for e in enc], 2), pca_fits)
+
+    class Args:
+        exact_max, seed, batch_size, draws = 0, 5, 2, 2
+        specs = ["random x random k=2"]
+
+    drawn = pb.drawn_sources(units, covariances, Args)
+    assert set(drawn) == {"default @5", "default @6", "random x random k=2 @5", "random x random k=2 @6"}
+    unit = units[1].name
+    a, b = drawn["random x random k=2 @5"][unit], drawn["random x random k=2 @6"][unit]
+    again = pb.sources(units, covariances, Args, seed=6)["random x random k=2"][unit]
+    assert not np.allclose(a.inp.matrix, b.inp.matrix) and np.array_equal(b.inp.matrix, again.inp.matrix)
+    means, draws = pb.draw_means({"s @5": {"block0": {"aggregated": 0.2, "per_query": 0.1}},
+                                  "s @6": {"block0": {"aggregated": 0.6, "per_query": 0.3}},
+                                  "exact": {"block0": {"aggregated": 1.0, "per_query": 0.5}}})
+    assert means["s"]["block0"] == {"aggregated": 0.4, "per_query": 0.2} and draws["s"]["block0"]["aggregated"] == [0.2, 0.6]
+    assert means["exact"]["block0"]["aggregated"] == 1.0
+    assert pb.share_cell(means["s"]["block0"], draws["s"]["block0"]) == "0.40\u00b10.20 / 0.20"
+    assert pb.share_cell(means["exact"]["block0"], draws["exact"]["block0"]) == "1.00 / 0.50"
 
 
 def test_the_library_default_is_the_benchmarks_winning_candidate_on_dense_units():
@@ -261,3 +299,59 @@ def test_lds_kronfluence_part(lds_run):
     assert first["checks"]["kronfluence_vs_exact_dot"] > 0  # the sign conventions agree
     assert first["times"]["kronfluence ekfac"]["total_s"] > 0
     assert second["skipped"] == "--no-kronfluence" and "kronfluence ekfac" not in second["lds"]
+
+
+# ------------------------------------------------------------------ fidelity.py
+
+
+def test_fidelity_scores_the_library_default_and_whole_sketches_equal_exact_gradients(bert_dir):
+    """fidelity.py's Grams of a source against its autograd reference: sketches that keep every
+    matrix whole (and the embeddings' whole hidden side) give exact Grams in every layer, and
+    the library's default source covers every layer, the embeddings through their token side."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import fidelity
+    import sketches
+    from lite_influence.gradients import fit_covariances, length_batches
+    from lite_influence.layers import assign_layers, discover_units, select_units
+    from lite_influence.models import encode, load_model
+    from lite_influence.projection import pca_fits
+
+    loaded = load_model(bert_dir)
+    texts, labels = ["good movie", "the plot was very dull", "not quite a great film", "awful actor"], [1, 0, 0, 0]
+    units = select_units(discover_units(loaded.model), "attention")
+    layers = assign_layers(units, "layer")
+    linear, rows = fidelity.exact_gradients(loaded, units, texts, labels, 32)
+    exact = fidelity.exact_grams(layers, linear, rows)
+    enc = encode(loaded, texts, None, 32)
+    covariances = fit_covariances(loaded, units, enc, labels, length_batches([len(e["input_ids"]) for e in enc], 2), pca_fits)
+
+    class Args:
+        batch_size = 2
+
+    whole = {**sketches.candidate("pca k=999", units, 0, covariances, 10**9),
+             **sketches.candidate("tokens-exact x pca k=999", units, 0, covariances, 10**9)}
+    grams, _ = fidelity.source_grams(loaded, layers, whole, enc, labels, rows, Args)
+    assert set(grams) == set(layers)
+    for name in layers:
+        assert np.allclose(grams[name], exact[name], rtol=1e-4, atol=1e-6 * np.abs(exact[name]).max()), name
+    default, dims = fidelity.source_grams(loaded, layers, sketches.candidate("default", units, 0, covariances, 1024),
+                                          enc, labels, rows, Args)
+    assert set(default) == set(layers) and "x" in str(dims["embeddings"])
+
+
+def test_sketch_ndr_specs_name_their_projection_seed():
+    """sketch_ndr.py: ``NAME@S`` is another draw of the same sketch (projection seed S, its own
+    cached index); a plain NAME builds with the run's seed."""
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import sketch_ndr
+
+    drawn, plain = sketch_ndr.parse("mixed32-e0.8@2:mixed:4:32:192:0.8"), sketch_ndr.parse("mixed32-e0.8:mixed:4:32:192:0.8")
+    assert drawn.pop("seed") == 2 and "seed" not in plain
+    assert {k: v for k, v in drawn.items() if k != "name"} == {k: v for k, v in plain.items() if k != "name"}
+    assert drawn["energy"] == 0.8 and drawn["proj_dim_in"] == 32 and drawn["token_dim"] == 192
