@@ -61,8 +61,8 @@ def batch_token_rows(token_ids: torch.Tensor, mask: torch.Tensor, b: torch.Tenso
     width = int(ids.max(initial=0)) + 1
     example = np.broadcast_to(np.arange(kept.shape[0])[:, None], kept.shape)[kept]
     keys, inverse = np.unique(example * width + ids, return_inverse=True)
-    summed = np.zeros((len(keys), b.shape[-1]), np.float64)
-    np.add.at(summed, inverse, b.numpy()[kept])
+    summed = torch.zeros((len(keys), b.shape[-1]), dtype=torch.float64)  # rows added in order, as np.add.at
+    summed.index_add_(0, torch.from_numpy(inverse.reshape(-1)), b[torch.from_numpy(kept)].double())
     owner = keys // width
     indptr = np.searchsorted(owner, np.arange(kept.shape[0] + 1)).astype(np.int64)
-    return TokenRows(indptr, keys - owner * width, summed.astype(np.float32))
+    return TokenRows(indptr, keys - owner * width, summed.float().numpy())
