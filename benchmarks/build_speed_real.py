@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import time
@@ -45,6 +44,7 @@ from lite_influence.fitting import PROJECTION_FIELDS, fit_projectors, make_proje
 from lite_influence.gradients import _Hooks, frozen, gradient_pass, length_batches
 from lite_influence.layers import assign_layers, discover_units, select_units
 from lite_influence.models import collate, encode, example_losses, load_model
+from lite_influence.store.atomic import write_bytes, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = next((p for p in (REPO.parent / "shared", REPO.parents[1] / "shared") if p.is_dir()),
@@ -203,11 +203,8 @@ def main(argv=None) -> dict:
               "load_per_round": loads, "times_s": times}
     lines = report(result, median)
     args.out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", "\n".join(lines))):
-        target = args.out / f"{args.name}{suffix}"
-        temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_text(text)
-        temporary.replace(target)
+    write_json(args.out / f"{args.name}.json", result)  # the store's atomic writes
+    write_bytes(args.out / f"{args.name}.md", "\n".join(lines).encode())
     print("\n".join(lines))
     return result
 

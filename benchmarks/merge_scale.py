@@ -41,6 +41,9 @@ DATA = next((p for p in (REPO.parent / "shared", REPO.parents[1] / "shared") if 
             REPO.parent / "shared") / "data" / "sst2"
 VOCAB, BATCH, CHUNK = 30_522, 16, 4096
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+from lite_influence.store.atomic import write_bytes, write_json  # noqa: E402
 
 
 def real_manifest(work: Path, rows: int) -> Path:
@@ -106,9 +109,18 @@ def write_shard(out: Path, real: dict, projection: Path, rows: np.ndarray, shard
     shutil.copyfile(projection, writer.partial / "projection.npz")
     manifest = {**real, "n": local, "layers": layers, "index_factory": "Flat",
                 "data": {**real["data"], "fingerprint": f"synthetic-{n}"},
-                "build": {**real["build"], "shard": f"{shard}/{shards}"},
+                "build": {**real["build"], "shard": f"{shard}/{shards}", "seed_of_rows": seed},
                 "shard": {"index": shard, "count": shards, "rows": n}}
     writer.commit(manifest)
+
+
+def _kept(path: Path, shard: int, args) -> bool:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("shard") == {"index": shard, "count": args.shards, "rows": args.n} and \
+        manifest["data"]["fingerprint"] == f"synthetic-{args.n}" and manifest["build"].get("seed_of_rows") == args.seed
 
 
 def folder_bytes(path: Path) -> int:
@@ -159,9 +171,8 @@ def check_merged(merged: Path, paths: list[Path], parts: list[np.ndarray], seed:
             if layer.get("kind") == "tokens":
                 for j in local:
                     assert all(np.array_equal(a, b) for a, b in zip(mine.stored.row(int(rows[j])), theirs.stored.row(int(j))))
-            else:
-                got = np.asarray(mine.vectors(None, "dot"))[rows[local]]
-                assert np.array_equal(got, np.asarray(theirs.vectors(None, "dot"))[local]), name
+            else:  # the sample's rows only: a whole layer in "dot" form is a scaled copy of it
+                assert np.array_equal(mine.vectors(rows[local], "dot"), theirs.vectors(local, "dot")), name
             compared += len(local)
         assert [whole.examples[int(rows[j])]["text"] for j in local] == [store.examples[int(j)]["text"] for j in local]
     return compared
@@ -240,7 +251,9 @@ def main(argv=None) -> dict:
         parts = shard_rows(args.n, args.shards)
         paths = [args.work / f"shard{i}" for i in range(args.shards)]
         for i, (path, rows) in enumerate(zip(paths, parts)):
-            write_shard(path, real, real_path / "projection.npz", rows, i, args.shards, args.n, args.seed)
+            if not _kept(path, i, args):  # shards a --keep run left with these --n, --shards, --seed
+                write_shard(path, real, real_path / "projection.npz", rows, i, args.shards, args.n, args.seed)
+        shutil.rmtree(args.work / "merged", ignore_errors=True)
         prepared = time.perf_counter() - started
         shards_bytes = sum(folder_bytes(p) for p in paths)
         before_merge = folder_bytes(args.work)
@@ -275,11 +288,8 @@ def main(argv=None) -> dict:
                   f"{before['peak_gb']:.2f} GB, load before {before['load_before']:.2f}; its FAISS files equal the "
                   "streamed ones byte for byte.", ""]
     args.out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", "\n".join(lines))):
-        target = args.out / f"{args.name}{suffix}"
-        temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_text(text)
-        temporary.replace(target)
+    write_json(args.out / f"{args.name}.json", result)  # the store's atomic writes
+    write_bytes(args.out / f"{args.name}.md", "\n".join(lines).encode())
     print("\n".join(lines))
     return result
 
