@@ -195,7 +195,7 @@ def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done,
     disk at most once a second (an fsync per batch would dominate small models), after the
     vectors it counts, and at once on Ctrl-C, so `build --resume` loses at most a second of
     work after a kill -9 and nothing after an interrupt."""
-    from .gradients import layer_vectors
+    from .gradients import gradient_pass
 
     completed, saved_at = done, time.perf_counter()
 
@@ -205,16 +205,16 @@ def _gradient_pass(loaded, projectors, layers, encodings, labels, batches, done,
         save(completed)
 
     try:
-        for number in range(done, len(batches)):
-            vectors, losses, _, squares = layer_vectors(loaded, projectors, layers, encodings, labels,
-                                                        batches[number])
-            for name, matrix in matrices.items():
-                matrix[batches[number]] = _batch_values(name, vectors, losses, squares)
-            completed = number + 1
-            if time.perf_counter() - saved_at >= every or completed == len(batches):
-                checkpoint()
-                saved_at = time.perf_counter()
-            report(completed)
+        with gradient_pass(loaded, projectors, layers, summary=False) as run:  # frozen and hooked once
+            for number in range(done, len(batches)):
+                vectors, losses, _, squares = run(encodings, labels, batches[number])
+                for name, matrix in matrices.items():
+                    matrix[batches[number]] = _batch_values(name, vectors, losses, squares)
+                completed = number + 1
+                if time.perf_counter() - saved_at >= every or completed == len(batches):
+                    checkpoint()
+                    saved_at = time.perf_counter()
+                report(completed)
     except KeyboardInterrupt:
         checkpoint()
         raise

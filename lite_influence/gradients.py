@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .exact_sides import SharedInput, batch_token_rows, exact_squared_norms  # noqa: F401 (re-exported)
 from .layers import Unit
 from .projection import UnitProjector
 
@@ -49,14 +50,30 @@ class _Hooks:
     def __init__(self, model: nn.Module, units: list[Unit]):
         self.model = model
         self.units = units
-        self.mask: torch.Tensor | None = None
+        self.mask = None
+        self.source = None  # the tensor the unit whose forward hook runs reads
         self._handles: list = []
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The batch's (batch, tokens) attention mask; setting it starts a new batch."""
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: torch.Tensor | None) -> None:
+        self._mask, self._mask_as = mask, {}  # the mask as (batch, tokens, 1) of a dtype, made once a batch
+        self.new_batch()
+
+    def new_batch(self) -> None:
+        """Forget what one batch's units shared (``ProjectedGradients``)."""
 
     def _masked(self, x: torch.Tensor) -> torch.Tensor:
         """Zero the padding positions of a (batch, tokens, features) tensor."""
-        if self.mask is None or x.dim() != 3 or x.shape[1] != self.mask.shape[1]:
+        if self._mask is None or x.dim() != 3 or x.shape[1] != self._mask.shape[1]:
             return x
-        return x * self.mask[..., None].to(x.dtype)
+        if x.dtype not in self._mask_as:
+            self._mask_as[x.dtype] = self._mask[..., None].to(x.dtype)
+        return x * self._mask_as[x.dtype]
 
     def on_unit(self, unit: Unit, inputs: torch.Tensor, output_hook: Callable) -> None:
         raise NotImplementedError
@@ -88,6 +105,7 @@ class _Hooks:
                 x, squeeze = x[:, None, :], True  # a head that sees one vector per example
             else:
                 squeeze = False
+            self.source = inputs[0]  # what units that read the same tensor share (ProjectedGradients)
             self.on_unit(unit, x, lambda fn: output.register_hook(
                 lambda g: fn(g[:, None, :] if squeeze else g)))
             return output
@@ -121,23 +139,6 @@ def _leaf_output(module, inputs, output):
     return output.detach().requires_grad_(True)
 
 
-def exact_squared_norms(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """||G||^2 = ||sum_t delta_t x_t^T||^2 per example (float64), from the two sides the hooks
-    already hold: sum_{t,s} (delta_t . delta_s)(x_t . x_s) when tokens are few (no G formed),
-    else through G, whichever costs less. ``x`` is (batch, tokens, in) features, or (batch,
-    tokens) token ids for the word embeddings (then x_t . x_s is [id_t == id_s]); padding
-    positions must be zero in ``delta``."""
-    delta = delta.double()
-    tokens = delta.shape[1]
-    if x.dim() == 2:  # one-hot token rows: only equal tokens meet
-        same = (x[:, :, None] == x[:, None, :]).double()
-        return (same * torch.einsum("bto,bso->bts", delta, delta)).sum((1, 2))
-    x = x.double()
-    if tokens * (x.shape[-1] + delta.shape[-1]) <= x.shape[-1] * delta.shape[-1]:
-        return (torch.einsum("bti,bsi->bts", x, x) * torch.einsum("bto,bso->bts", delta, delta)).sum((1, 2))
-    return torch.einsum("bto,bti->boi", delta, x).square().sum((1, 2))
-
-
 class ProjectedGradients(_Hooks):
     """Context manager: run ``forward`` + ``backward`` of a summed loss inside it, then read
     ``vectors()``: for each unit, a (batch, k_out * k_in) float32 tensor; and
@@ -152,17 +153,30 @@ class ProjectedGradients(_Hooks):
         self.norms = norms  # a query needs no exact norms: only the build stores them
         self._phi: dict[str, torch.Tensor] = {}
         self._sq: dict[str, torch.Tensor | None] = {}
+        self._shared: dict[tuple, tuple] = {}
 
-    def _exact_input(self, unit: Unit, x: torch.Tensor) -> torch.Tensor:
+    def new_batch(self) -> None:
+        self._shared = {}
+
+    def _exact_input(self, unit: Unit, x: torch.Tensor):
         """The side x_t of G as the unit sees it: token ids (embeddings), else the features
-        with the bias's constant 1, padding zeroed."""
-        return x if unit.kind == "embedding" else self._masked(unit.with_bias(x.float()))
+        with the bias's constant 1, padding zeroed, shared by the units that read the same
+        tensor (``SharedInput``)."""
+        if unit.kind == "embedding":
+            return x
+        key = (id(self.source), unit.has_bias)
+        source, shared = self._shared.get(key, (None, None))
+        if source is not self.source:  # the entry holds its tensor, so its id is not reused
+            shared = SharedInput(self._masked(unit.with_bias(x.float())))
+            self._shared[key] = (self.source, shared)
+        return shared
 
-    def _record_norms(self, unit: Unit, x: torch.Tensor, delta: torch.Tensor) -> None:
+    def _record_norms(self, unit: Unit, x, delta: torch.Tensor) -> None:
         if not self.norms:
             self._sq[unit.name] = None
         elif unit.name not in self._sq:  # a tied unit's second use has marked it None already
-            self._sq[unit.name] = exact_squared_norms(x, delta)
+            shared = isinstance(x, SharedInput)
+            self._sq[unit.name] = exact_squared_norms(x.x if shared else x, delta, x.gram if shared else None)
 
     def on_unit(self, unit, x, output_hook):
         projector = self.projectors[unit.name]
@@ -184,15 +198,12 @@ class ProjectedGradients(_Hooks):
     def _token_rows(self, unit, projector, token_ids, exact_x, output_hook):
         """The embeddings' exact token side: per example, each distinct token's summed
         projected output gradient (``store.token_rows``), instead of a dense vector."""
-        from .store.token_rows import TokenRows
-
         mask = self.mask if self.mask is not None else torch.ones_like(token_ids, dtype=torch.bool)
 
         def backward(delta):
             self._record_norms(unit, exact_x, self._masked(delta.float()))
             b = projector.project_output(delta.float()).detach()
-            rows = [(token_ids[i][mask[i]].numpy(), b[i][mask[i]].numpy()) for i in range(b.shape[0])]
-            self._phi[unit.name] = TokenRows.from_lists(rows, b.shape[-1])
+            self._phi[unit.name] = batch_token_rows(token_ids, mask, b)
 
         output_hook(backward)
 
@@ -210,6 +221,7 @@ class ProjectedGradients(_Hooks):
         logits_hook(backward)
 
     def vectors(self) -> dict[str, torch.Tensor]:
+        self._shared = {}
         missing = [name for name in self.projectors if name not in self._phi]
         if missing:
             raise RuntimeError(f"no gradient reached units {missing}; was backward called?")
@@ -294,6 +306,20 @@ def _targets(labels, batch) -> torch.Tensor | None:
     return None if labels is None else torch.tensor([labels[i] for i in batch], dtype=torch.long)
 
 
+@contextmanager
+def gradient_pass(loaded, projectors: list[UnitProjector], layers: dict[str, list[Unit]], norms: bool = True,
+                  summary: bool = True):
+    """The per-batch pass (``batch -> layer_vectors``'s four results) with the model frozen and
+    the hooks placed once for as long as the context is open: a build opens one for all its
+    batches, since freezing every parameter and placing a hook per unit again for each batch
+    (what ``layer_vectors`` does for a query's one batch) is work repeated for nothing.
+    ``summary`` False: no output summary (None), which a build never reads (for a causal LM
+    it is an argmax over the vocabulary at every token)."""
+    with frozen(loaded.model), ProjectedGradients(loaded.model, projectors, norms) as capture:
+        yield lambda encodings, labels, batch: _batch_vectors(loaded, capture, layers, encodings, labels, batch,
+                                                              summary)
+
+
 def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, list[Unit]],
                   encodings: list[dict], labels: list[int] | None, batch: list[int], norms: bool = True):
     """One batch's per-layer vectors (units concatenated in layer order; the embeddings'
@@ -307,20 +333,23 @@ def layer_vectors(loaded, projectors: list[UnitProjector], layers: dict[str, lis
     carry their own (causal LM); a label of -1 (``tasks.PREDICTED``) is the model's argmax in
     this same forward pass, so a query with no label costs one forward and one backward.
     """
+    with gradient_pass(loaded, projectors, layers, norms) as run:
+        return run(encodings, labels, batch)
+
+
+def _batch_vectors(loaded, capture: ProjectedGradients, layers, encodings, labels, batch, summary=True):
     from .models import collate, example_losses, output_summary
 
     inputs = collate(loaded, [encodings[i] for i in batch])
-    targets = _targets(labels, batch)
-    with frozen(loaded.model), ProjectedGradients(loaded.model, projectors, norms) as capture:
-        capture.mask = inputs["attention_mask"].bool()
-        losses, logits = example_losses(loaded, inputs, targets)
-        losses.sum().backward()
-        phi, sq = capture.vectors(), capture.squared_norms()
+    capture.mask = inputs["attention_mask"].bool()
+    losses, logits = example_losses(loaded, inputs, _targets(labels, batch))
+    losses.sum().backward()
+    phi, sq = capture.vectors(), capture.squared_norms()
     vectors = {name: phi[units[0].name] if _is_tokens(phi[units[0].name]) else
                torch.cat([phi[u.name] for u in units], 1).numpy() for name, units in layers.items()}
     squares = {name: None if any(sq.get(u.name) is None for u in units) else
                sum(sq[u.name] for u in units).numpy() for name, units in layers.items()}
-    return vectors, losses.detach().numpy(), output_summary(loaded, inputs, logits), squares
+    return vectors, losses.detach().numpy(), output_summary(loaded, inputs, logits) if summary else None, squares
 
 
 def _is_tokens(phi) -> bool:

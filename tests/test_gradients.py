@@ -224,3 +224,60 @@ def test_backward_stops_at_the_lowest_indexed_unit(arch):
     assert len(seen) == 3 and not any(seen) and not reached
     for unit in units:
         torch.testing.assert_close(phi[unit.name], exact[unit.name].flatten(1), rtol=1e-4, atol=1e-6)
+
+
+def _pass(capture, model, batch, labels):
+    capture.mask = batch["attention_mask"].bool()
+    F.cross_entropy(model(**batch).logits, labels, reduction="sum").backward()
+    return capture.vectors(), capture.squared_norms()
+
+
+def _same_bits(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+    return all(getattr(a, f).tobytes() == getattr(b, f).tobytes() for f in ("indptr", "tokens", "values"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_pass_held_over_many_batches_gives_each_batch_what_a_fresh_pass_gives(arch):
+    """A build freezes the model and hooks it once for all its batches (``gradient_pass``);
+    each batch's vectors, token rows and exact norms must be those of a pass opened for that
+    batch alone, to the bit, though batches differ in shape and what units share (query, key
+    and value read one tensor) is kept per batch; the model is left as it was."""
+    from lite_influence.projection import token_projector
+
+    model = tiny_classifier(arch)
+    units = discover_units(model)
+    projectors = [token_projector("random", u, 5, 0) if u.kind == "embedding" and not u.tied else random_projector(u, 3, 0)
+                  for u in units]
+    batches = [random_batch(batch=b, length=n, seed=s) for s, (b, n) in enumerate(((4, 9), (3, 5), (5, 12)))]
+    fresh = []
+    for batch, labels in batches:
+        with frozen(model), ProjectedGradients(model, projectors) as capture:
+            fresh.append(_pass(capture, model, batch, labels))
+    with frozen(model), ProjectedGradients(model, projectors) as capture:
+        held = [_pass(capture, model, batch, labels) for batch, labels in batches]
+    for (vectors, squares), (want_vectors, want_squares) in zip(held, fresh):
+        assert set(vectors) == set(want_vectors) and set(squares) == set(want_squares)
+        assert all(_same_bits(vectors[k], want_vectors[k]) for k in vectors)
+        assert all(_same_bits(squares[k], want_squares[k]) for k in squares)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_batch_s_token_rows_are_made_as_per_example_rows_are_to_the_bit():
+    """``batch_token_rows`` (one pass over the batch) against ``TokenRows.from_lists`` (one
+    example at a time, what the build did before): same entries, same float32 bytes, with
+    repeated tokens, padding and values of very different sizes."""
+    from lite_influence.exact_sides import batch_token_rows
+    from lite_influence.store.token_rows import TokenRows
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, 6, (7, 13), generator=g)
+        mask = torch.rand(7, 13, generator=g) > 0.3
+        values = torch.randn(7, 13, 5, generator=g) * 10.0 ** torch.randint(-4, 4, (7, 13, 1), generator=g)
+        want = TokenRows.from_lists([(ids[i][mask[i]].numpy(), values[i][mask[i]].numpy()) for i in range(7)], 5)
+        assert _same_bits(batch_token_rows(ids, mask, values), want)

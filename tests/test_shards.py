@@ -137,3 +137,37 @@ def test_a_shared_projection_must_have_been_fitted_with_the_same_energy(bert_dir
     code, _, error = run_cli(capsys, "build", bert_dir, train_tsv, "--out", tmp_path / "z", *options,
                              "--projection-from", old)
     assert code == 1 and "--energy 0.0" in error
+
+
+def test_a_streamed_flat_file_is_faiss_s_own_file_for_the_same_rows(tmp_path):
+    """A merge writes a Flat layer block by block (``write_flat_rows``): the file must be the
+    bytes FAISS's own ``write_index`` gives for the same rows, and FAISS must read it back."""
+    import faiss
+
+    from lite_influence.store.faiss_layers import flat_header, read_faiss, write_flat_rows
+
+    rows = np.random.default_rng(0).standard_normal((37, 5)).astype(np.float32)
+    index = faiss.IndexFlatIP(5)
+    index.add(rows)
+    faiss.write_index(index, str(tmp_path / "faiss.faiss"))
+    write_flat_rows(tmp_path / "streamed.faiss", flat_header(5, 37), [rows[:10], rows[10:11], rows[11:]])
+    assert (tmp_path / "streamed.faiss").read_bytes() == (tmp_path / "faiss.faiss").read_bytes()
+    back = read_faiss(tmp_path / "streamed.faiss", 5, 37)
+    assert np.array_equal(back.reconstruct_n(0, 37), rows)
+
+
+def test_a_merge_streamed_in_blocks_of_a_few_rows_is_still_the_single_build(bert_dir, train_tsv, tmp_path, monkeypatch):
+    """Blocks far smaller than a layer (rows of every shard in each, in row order) give the
+    same files as one block and as the single build."""
+    from lite_influence import build_index
+    from lite_influence.fitting import fit_projection
+    from lite_influence.shards import merge_shards
+    from lite_influence.store import combine
+
+    monkeypatch.setattr(combine, "BLOCK_BYTES", 20)  # a row or two per block
+    single = build_index(bert_dir, train_tsv, tmp_path / "single", **OPTIONS)
+    proj = fit_projection(bert_dir, train_tsv, tmp_path / "proj", **OPTIONS)
+    shards = [build_index(bert_dir, train_tsv, tmp_path / f"shard{i}", shard=f"{i}/2", projection_from=str(proj),
+                          **OPTIONS) for i in (0, 1)]
+    merged = merge_shards([s.path for s in shards], tmp_path / "merged")
+    assert any(f.endswith(".faiss") for f in same_files(single.path, merged))

@@ -156,6 +156,29 @@ def write_faiss(index, path: Path) -> None:
     write_file(path, fill)
 
 
+def flat_header(dim: int, n: int) -> bytes | None:
+    """The first 45 bytes of FAISS's own file of a Flat inner-product index of ``n`` rows of
+    ``dim``: FAISS's header of an empty one (serialised by FAISS) with ntotal (bytes 8-16) and
+    the row vector's length in floats (bytes 37-45) set; the rows follow as float32. None if
+    FAISS's header is not laid out so (another FAISS version): the caller then lets FAISS write."""
+    empty = faiss_module().serialize_index(faiss_module().IndexFlatIP(dim)).tobytes()
+    if len(empty) != 45 or empty[:4] != b"IxFI" or empty[8:16] != bytes(8) or empty[37:45] != bytes(8):
+        return None
+    return empty[:8] + int(n).to_bytes(8, "little") + empty[16:37] + int(n * dim).to_bytes(8, "little")
+
+
+def write_flat_rows(path: Path, header: bytes, blocks) -> None:
+    """A Flat index file written from ``blocks`` of float32 rows in id order (``header``:
+    ``flat_header``), never the whole layer in memory: the bytes FAISS's ``write_index`` gives
+    for the same rows (tests/test_store.py), without its in-memory copy of every row."""
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(header)
+            for block in blocks:
+                np.ascontiguousarray(block, np.float32).tofile(handle)
+    write_file(path, fill)
+
+
 def read_faiss(file: Path, dim: int, n: int):
     """A layer's index, checked against the manifest (size, dim). A flat index is memory-mapped
     (``IO_FLAG_MMAP_IFC``: opening reads nothing, a scan pages in what it touches); its values
