@@ -299,30 +299,31 @@ def rank_bounds(lo: np.ndarray, hi: np.ndarray, depth: int):
     return region, r_lo, r_hi, pool, lo_sorted
 
 
-def open_rows(pool: np.ndarray, a: np.ndarray, e: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """The pool's rows whose interval may overlap one of [lo, hi] (a superset: a row's own
-    bound is at most the pool's largest), found by merging the widened intervals."""
-    if lo.size == 0:
+def open_rows(pool: np.ndarray, a: np.ndarray, e: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The pool's rows whose interval may hold one of the exact scores ``points`` (a superset:
+    a row's own bound is at most the pool's largest)."""
+    if points.size == 0:
         return pool[:0]
     widest = float(e[pool].max())
-    order = np.argsort(lo)
-    starts, ends = lo[order] - widest, np.maximum.accumulate(hi[order] + widest)
-    at = np.searchsorted(starts, a[pool], side="right") - 1
-    inside = (at >= 0) & (a[pool] <= ends[np.maximum(at, 0)])
-    return pool[inside]
+    points = np.sort(points)
+    at = np.searchsorted(points, a[pool] - widest, side="left")  # the first point not below the row's reach
+    near = (at < points.size) & (points[np.minimum(at, points.size - 1)] <= a[pool] + widest)
+    return pool[near]
 
 
 def exact_ranks(candidates: np.ndarray, bound, a: np.ndarray, e: np.ndarray, exact):
-    """(which candidates lie in the list's region, their exact ranks: ties by id), rescoring
-    only the rows whose order against a candidate the bounds leave open."""
-    region, r_lo, _, pool, _ = bound
+    """(which candidates lie in the list's region, their exact ranks: ties by id). The
+    candidates are rescored first; then only the rows whose interval holds a candidate's exact
+    score can fall either side of it, and only they are rescored too."""
+    region, _, _, pool, lo_sorted = bound
     at = np.minimum(np.searchsorted(region, candidates), region.size - 1)
     inside = region[at] == candidates
-    mine, above = candidates[inside], r_lo[at[inside]]
-    lo, hi = a[mine] - e[mine], a[mine] + e[mine]
-    rows = np.union1d(open_rows(pool, a, e, lo, hi), mine)
+    mine = candidates[inside]
+    own = exact(mine)
+    rows = np.union1d(open_rows(pool, a, e, own), mine)
     scores = exact(rows)
-    wholly_above_in_rows = rows.size - np.searchsorted(np.sort(a[rows] - e[rows]), hi, side="right")
+    above = pool.size - np.searchsorted(lo_sorted, own, side="right")  # wholly above, in the pool
+    above_in_rows = rows.size - np.searchsorted(np.sort(a[rows] - e[rows]), own, side="right")
     place = np.empty(rows.size, np.int64)
     place[np.lexsort((rows, -scores))] = np.arange(rows.size)
-    return inside, above - wholly_above_in_rows + place[np.searchsorted(rows, mine)]
+    return inside, above - above_in_rows + place[np.searchsorted(rows, mine)]
