@@ -92,22 +92,19 @@ def held(view, keep: bool = False) -> Held:
 
 
 def hold(store, layers: list[str], gb: float) -> list[str]:
-    """Keep aligned copies of dense layers' rows in memory, in ``layers`` order, as long as
-    they fit in ``gb`` gigabytes (a layer that does not fit is skipped, a later smaller one may
-    still fit); the norm bound of every boundable layer is measured either way. The layers
-    held."""
-    budget, kept = gb * 1e9, []
-    for layer in layers:
-        view = store.layer(layer)
-        if not boundable(view):
-            continue
-        size = 4.0 * view.n * view.dim
-        keep = size <= budget
-        held(view, keep)
-        if keep:
-            budget -= size
-            kept.append(layer)
-    return kept
+    """Keep aligned copies of dense layers' rows in memory, smallest first, as long as they fit
+    in ``gb`` gigabytes: a budget then holds the most layers, so the most layer selections run
+    from memory alone (at --energy 0.8 the early blocks are the widest). Their norm bounds are
+    measured on the copies; other layers' on first use. The layers held, in ``layers`` order."""
+    views = [(layer, store.layer(layer)) for layer in layers]
+    sizes = {layer: 4.0 * view.n * view.dim for layer, view in views if boundable(view)}
+    budget, kept = gb * 1e9, set()
+    for layer in sorted(sizes, key=sizes.get):
+        if sizes[layer] <= budget:
+            held(store.layer(layer), keep=True)
+            budget -= sizes[layer]
+            kept.add(layer)
+    return [layer for layer in layers if layer in kept]
 
 
 class Lists:

@@ -109,3 +109,10 @@ def test_no_server_or_a_stale_state_file_falls_back(index_path, tmp_path):  # no
                           timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr
     assert "timings" not in json.loads(done.stdout)  # answered in-process by the full CLI
+
+
+def test_a_negative_hold_is_one_line(capsys, tmp_path):
+    from conftest import run_cli
+
+    code, _, err = run_cli(capsys, "serve", tmp_path, "--hold-gb", "-1")
+    assert code == 1 and "--hold-gb must be 0 or more" in err and len(err.strip().splitlines()) == 1
