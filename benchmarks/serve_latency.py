@@ -171,6 +171,7 @@ def main() -> None:
             process, url = start_server(index.path, work / f"server-{n}.log", args.hold_gb)
             try:
                 rows += measure(index, url, args.k, args.repeats, args.hold_gb, args.all_up_to)
+                save(rows, args)  # each size as it is done: a later size that fails keeps these
             finally:
                 process.send_signal(signal.SIGTERM)
                 process.wait(60)
@@ -180,12 +181,16 @@ def main() -> None:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    print(save(rows, args))
+
+
+def save(rows: list[dict], args) -> str:
     text = report(rows, args.hold_gb)
-    print(text)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_latency.md").write_text(text + "\n")
     (RESULTS / "serve_latency.json").write_text(json.dumps({"rows": rows, "k": args.k, "repeats": args.repeats,
                                                            "hold_gb": args.hold_gb}, indent=2))
+    return text
 
 
 if __name__ == "__main__":
