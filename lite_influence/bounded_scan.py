@@ -71,12 +71,23 @@ def boundable(view) -> bool:
 def max_norm(rows: np.ndarray) -> float:
     """An upper bound on every row's 2-norm: float32 sums of squares (non-negative terms, so
     each within gamma_d of the true one), a block of rows at a time."""
-    step = max(64, 2 ** 22 // (4 * max(1, rows.shape[1])))
     biggest = 0.0
-    for start in range(0, rows.shape[0], step):
-        block = np.asarray(rows[start:start + step])
-        biggest = max(biggest, float(np.einsum("ij,ij->i", block, block).max(initial=0.0)))
-    return math.sqrt(biggest / (1 - gamma(rows.shape[1], U32))) * SLACK
+    for start in range(0, rows.shape[0], _step(rows)):
+        biggest = max(biggest, _largest_square(np.asarray(rows[start:start + _step(rows)])))
+    return norm_bound(biggest, rows.shape[1])
+
+
+def _step(rows) -> int:
+    return max(64, 2 ** 21 // (4 * max(1, rows.shape[1])))  # rows per block: 2 MB, a block stays in cache
+
+
+def _largest_square(block: np.ndarray) -> float:
+    return float(np.einsum("ij,ij->i", block, block).max(initial=0.0))
+
+
+def norm_bound(largest_square: float, d: int) -> float:
+    """The norm bound from the largest float32 sum of squares of d terms."""
+    return math.sqrt(largest_square / (1 - gamma(d, U32))) * SLACK
 
 
 def held(view, keep: bool = False) -> Held:
@@ -134,20 +145,38 @@ class Lists:
 
 
 def _dense_approx(view, prepared: np.ndarray, metric: str):
-    from .store.faiss_layers import aligned_product
     from .store.views import finite
 
-    entry = held(view)
-    rows = entry.rows
-    product = rows @ prepared.T if rows is not None else aligned_product(prepared, view.vectors(None, "cosine")).T
+    product, bound = _product(view, prepared)
     a = np.asarray(product, np.float64)
     q_norms = np.sqrt(np.einsum("ij,ij->i", prepared.astype(np.float64), prepared.astype(np.float64))) * SLACK
-    e = np.broadcast_to((gamma(view.dim, U32) + gamma(view.dim, U64)) * entry.max_norm * q_norms * SLACK, a.shape)
+    e = np.broadcast_to((gamma(view.dim, U32) + gamma(view.dim, U64)) * bound * q_norms * SLACK, a.shape)
     if metric == "dot":  # unit rows times each example's norm, as DenseLayer.scores does
         norms = view.norms()[:, None]
         a = a * norms
         e = e * norms * SLACK + 4 * U64 * np.abs(a)
     return finite(a, view.file), np.array(e)
+
+
+def _product(view, prepared: np.ndarray):
+    """(N, queries) float32 products of the layer's unit rows and the queries, and the rows'
+    norm bound: from the held copy, else over aligned blocks of the memory-mapped rows, the
+    first scan measuring the norms in the same pass (a layer on disk is read once, not twice)."""
+    from .store.faiss_layers import aligned_product
+
+    entry = _HELD.get(view)
+    if entry is not None and entry.rows is not None:
+        return entry.rows @ prepared.T, entry.max_norm
+    rows = view.vectors(None, "cosine")
+    if entry is not None:
+        return aligned_product(prepared, rows).T, entry.max_norm
+    out, biggest, step = np.empty((rows.shape[0], len(prepared)), np.float32), 0.0, _step(rows)
+    for start in range(0, rows.shape[0], step):
+        block = np.array(rows[start:start + step])  # aligned: BLAS takes it
+        out[start:start + step] = block @ prepared.T
+        biggest = max(biggest, _largest_square(block))
+    _HELD[view] = entry = Held(None, norm_bound(biggest, rows.shape[1]))
+    return out, entry.max_norm
 
 
 def _dense_exact(view, prepared: np.ndarray, metric: str):
@@ -168,7 +197,8 @@ def bounded_sides(store, examples, vectors: dict, layers: list[str], metric: str
                   vote_p: float = 0.2) -> dict | None:
     """The proponents and opponents ``lookup.ranked_rows`` would give on a Flat index, from
     float32 products and float64 rescoring of the rows left open (module docstring); None when
-    the bound leaves more than ``MAX_OPEN`` of N open (the caller then scores all in float64)."""
+    the bound leaves more than ``MAX_OPEN`` of N as candidates (the caller then scores all in
+    float64)."""
     from .lookup import result_row
 
     lists = Lists(store, vectors, layers, metric)
