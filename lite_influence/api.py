@@ -191,7 +191,7 @@ class InfluenceIndex:
                 warning: str | None) -> dict:
         """The result of ``query`` and ``query_ids``: the queries described, then the top-k
         proponents and opponents of their vectors over ``layers``."""
-        from .lookup import lookup_scores, ranked_rows
+        from .lookup import answer_sides
 
         k = min(config.k, len(self))
         metric = self.store.check_metric(config.metric)
@@ -199,13 +199,11 @@ class InfluenceIndex:
                   "agg": config.agg, "metric": metric, "score": config.score,
                   **({"damping": config.damping} if config.score == "curvature" else {}), "layers": layers, "k": k,
                   "k_clamped": config.k > len(self), "warning": warning}
-        candidates, scores = lookup_scores(self.store, vectors, layers, metric, k, config.score, config.damping)
+        candidates, sides = answer_sides(self.store, vectors, layers, metric, k, config.agg, config.vote_p,
+                                         config.score, config.damping)
         if candidates is not None:  # an ANN index: say what was ranked (lookup.py)
             result.update(approximate=self.store.manifest["index_factory"], candidates=len(candidates))
-        for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
-            result[side] = ranked_rows(self.store, self.store.table, scores, layers, sign, k, config.agg,
-                                       config.vote_p, candidates)
-        return result
+        return {**result, **sides}
 
     def audit(self, queries: str | Path, config: AuditConfig | None = None,
               progress: Progress | None = None, **options):

@@ -21,7 +21,7 @@ from rich.console import Console
 from .terminal import shown
 from rich.table import Table
 
-from .config import AuditConfig, BuildConfig, QueryConfig, ServeConfig, TrainConfig, cli_parameters
+from .config import AuditConfig, BuildConfig, QueryConfig, QueryText, ServeConfig, TrainConfig, cli_parameters
 from . import render
 from . import process
 from .errors import InputWarning, UserError
@@ -179,22 +179,20 @@ def info(
 
 @app.command(epilog="Examples:\n\n  lite-influence query runs/index --text \"a gorgeous, witty film\" -k 5\n\n"
                      "  lite-influence query runs/index --file dev.tsv --layers middle --agg rank --json")
+@options_of(QueryText, "asked")
 @options_of(QueryConfig)
 def query(
     index_dir: Path = typer.Argument(..., help="An index folder written by `build`."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="The test example to explain (for a causal LM: the prompt)."),
-    completion: Optional[str] = typer.Option(None, "--completion", help="Causal LM: the completion of --text to explain; default: the model's greedy continuation (printed)."),
-    pair: Optional[str] = typer.Option(None, "--pair", help="Second text of a pair, if the model takes pairs."),
-    label: Optional[str] = typer.Option(None, "--label", "-l", help="Label to explain (id or name); default: the model's prediction."),
+    asked: QueryText = None,
     file: Optional[Path] = typer.Option(None, "--file", "-f", help="Many queries (csv/tsv/jsonl): one result each (JSON lines with --json), or one for all with --aggregate; the predictions are explained unless --label-col names the labels to explain."),
     ids: Optional[list[int]] = typer.Option(None, "--id", help="Explain training example N from its stored vectors (no model is loaded); repeat for several."),
     id_list: Optional[str] = typer.Option(None, "--ids", help="Several training examples at once, comma-separated (--ids 17,40): as --id for each."),
     config: QueryConfig = None,
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     local: bool = typer.Option(False, "--local", help="Answer in this process even when a `lite-influence serve` runs for the index."),
 ):
     """Which training examples pushed the model to this answer (proponents), and which fought it (opponents)."""
+    text, completion, pair, label, as_json = asked.text, asked.completion, asked.pair, asked.label, asked.as_json
     ids = (ids or []) + _id_list(id_list)
     if sum(x is not None for x in (text, file, ids or None)) != 1:
         raise UserError("pass one of --text \"...\", --file QUERIES or --id N.")
@@ -258,7 +256,8 @@ def serve(
     """Keep the model warm and answer queries over HTTP, with a page to browse them; `query` finds it by itself."""
     from .serve import serve as run_server
 
-    run_server([str(p) for p in index_dirs], host=config.host, port=config.port, warm=config.warm)
+    config.validate()
+    run_server([str(p) for p in index_dirs], host=config.host, port=config.port, warm=config.warm, hold_gb=config.hold_gb)
 
 
 @app.command(epilog="Example: lite-influence audit runs/index influence.tsv --agg rank,vote --export ranking.csv --plot curves.png")

@@ -204,6 +204,18 @@ class QueryConfig(Scoring, Columns):
 
 
 @dataclass
+class QueryText(Options):
+    """What one ``lite-influence query --text`` asks, apart from its ``QueryConfig``: declared
+    here so that cli_fast.py can read it (and ask a running server) before typer loads."""
+
+    text: str | None = option(None, "The test example to explain (for a causal LM: the prompt).", short="-t")
+    completion: str | None = option(None, "Causal LM: the completion of --text to explain; default: the model's greedy continuation (printed).")
+    pair: str | None = option(None, "Second text of a pair, if the model takes pairs.")
+    label: str | None = option(None, "Label to explain (id or name); default: the model's prediction.", short="-l")
+    as_json: bool = option(False, "Print one JSON object instead of tables.", flag="--json")
+
+
+@dataclass
 class AuditConfig(Scoring, Columns):
     """Options of ``lite-influence audit`` (the columns are the query file's)."""
 
@@ -292,3 +304,9 @@ class ServeConfig(Options):
     host: str = option("127.0.0.1", "Address to listen on; the default answers this machine only (0.0.0.0 exposes the indexes and their texts to the network).")
     port: int = option(8765, "Port to listen on (0: any free port; the state file beside each index records the one chosen).")
     warm: bool = option(True, "Load each index's model with a warm-up query before answering, so the first real query is fast.")
+    hold_gb: float = option(4.0, "Gigabytes of stored vectors kept in memory as aligned float32 rows (read at full speed, not from the memory-mapped index), layer by layer as they fit, over all served indexes; 0: none.")
+
+    def validate(self):
+        if not self.hold_gb >= 0:
+            raise UserError(f"--hold-gb must be 0 or more gigabytes, got {self.hold_gb}")
+        return self

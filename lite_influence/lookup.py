@@ -55,6 +55,26 @@ def nearest(store, layer: str, queries, sign: float, depth: int, metric: str,
     return result
 
 
+SIDES = (("proponents", 1.0), ("opponents", -1.0))
+
+
+def answer_sides(store, vectors: dict, layers: list[str], metric: str, k: int, agg: str, vote_p: float = 0.2,
+                 score: str = "gradient", damping: float = DAMPING_SCALE):
+    """(candidates, {"proponents": rows, "opponents": rows}) of a query: on a Flat index
+    ``bounded_scan`` (float32 products, float64 only where the rounding bound leaves the order
+    open: the same answer), else, or when it leaves too much open, ``lookup_scores`` and
+    ``ranked_rows`` (candidates: an approximate index's, else None)."""
+    if not store.approximate and score == "gradient":
+        from .bounded_scan import bounded_sides
+
+        found = bounded_sides(store, store.table, vectors, layers, metric, k, agg, vote_p)
+        if found is not None:
+            return None, found
+    candidates, scores = lookup_scores(store, vectors, layers, metric, k, score, damping)
+    return candidates, {side: ranked_rows(store, store.table, scores, layers, sign, k, agg, vote_p, candidates)
+                        for side, sign in SIDES}
+
+
 def lookup(store, examples: list[dict], vectors: dict, layers: list[str], sign: float, k: int,
            agg: str, vote_p: float = 0.2, metric: str | None = None, score: str = "gradient",
            damping: float = DAMPING_SCALE) -> list[dict]:
@@ -153,7 +173,7 @@ def ranked_rows(store, examples: list[dict], scores: dict, layers: list[str], si
                                 checked=True, first=k)
     top_in = {layer: {int(i) for ranking in full[layer] for i in ids_of(ranking[:k])} for layer in layers}
     position = (lambda i: i) if candidates is None else (lambda i: int(np.searchsorted(candidates, i)))
-    return [_row(examples[int(i)], int(i), float(value),
+    return [result_row(examples[int(i)], int(i), float(value),
                  {layer: float(sign * exact[layer][position(int(i))].mean()) for layer in layers},
                  [layer for layer in layers if int(i) in top_in[layer]])
             for i, value in zip(top[:k], values[:k])]
@@ -173,7 +193,7 @@ def _estimated(agg: str, exact: dict, candidates: np.ndarray, n: int, vote_p: fl
     return candidates[top], values[top]
 
 
-def _row(example: dict, i: int, score: float, per_layer: dict, retrieved_in: list[str]) -> dict:
+def result_row(example: dict, i: int, score: float, per_layer: dict, retrieved_in: list[str]) -> dict:
     return {"id": i, "score": score, "label": example.get("label"),
             "text": example.get("text"), "pair": example.get("pair"),
             **({"completion": example["completion"]} if "completion" in example else {}),

@@ -101,18 +101,35 @@ class Served:
                 "metric": manifest.get("metric"), "metrics": list(index.store.metrics),
                 "model": manifest.get("model", {}).get("path")}
 
-    def warm_up(self) -> None:
+    def warm_up(self, hold_gb: float = 0.0) -> dict[str, list[str]]:
         """One throw-away query per index: loads and verifies the model, reads the examples;
-        the token rows are kept in memory in posting order (token_rows.keep_in_memory)."""
+        the token rows are kept in memory in posting order (token_rows.keep_in_memory), and
+        dense rows as aligned copies while they fit in ``hold_gb`` over all indexes
+        (bounded_scan.hold). The query reads only what is in memory (``warm_layers``): at
+        N = 100,000 one query over every layer reads 13 GB from disk. The layers held."""
+        from .bounded_scan import hold
+
+        kept = {}
         for name, index in self.indexes.items():
             with self.locks[name]:
                 for layer in index.layers:
                     if index.store.layer(layer).kind == "tokens":
                         index.store.layer(layer).stored.keep_in_memory()
+                kept[name] = hold(index.store, index.layers, hold_gb)
+                hold_gb -= sum(4 * len(index) * index.store.layer(layer).dim for layer in kept[name]) / 1e9
+                layers = ",".join(warm_layers(index, kept[name]))
                 if index.task == "causal-lm":
-                    index.query("warm up", k=1, layers="all", completion=" up")
+                    index.query("warm up", k=1, layers=layers, completion=" up")
                 else:
-                    index.query("warm up", k=1, layers="all")
+                    index.query("warm up", k=1, layers=layers)
+        return kept
+
+
+def warm_layers(index, held: list[str]) -> list[str]:
+    """What the warm-up query searches: the layers in memory (held, token rows), else the
+    smallest dense one; the model and its hooks run the same whatever it searches."""
+    layers = held + [layer for layer in index.layers if index.store.layer(layer).kind == "tokens"]
+    return layers or [min(index.layers, key=lambda layer: index.store.layer(layer).dim)]
 
 
 def check_fields(body, kinds: dict, required: tuple[str, ...]) -> dict:
@@ -306,9 +323,9 @@ def listen(host: str, port: int):
 
 
 def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8765, *, warm: bool = True,
-          log=sys.stderr) -> None:
+          hold_gb: float = 4.0, log=sys.stderr) -> None:
     """Serve the indexes at ``paths`` until interrupted (Ctrl-C or SIGTERM shut it down cleanly
-    and remove the state files)."""
+    and remove the state files); ``hold_gb``: ServeConfig's (warm-up only)."""
     try:
         import uvicorn
     except ImportError:
@@ -316,11 +333,13 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8765, *, warm: 
     served = Served(paths)
     sock = listen(host, port)
     bound = sock.getsockname()[1]
-    if warm:
-        served.warm_up()
+    held = served.warm_up(hold_gb) if warm else {}
     app = create_app(served, (host, bound))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
     print(f"serving {', '.join(served.indexes)} at http://{host}:{bound}/ (Ctrl-C to stop)", file=log, flush=True)
+    if held:
+        print(f"in memory: {'; '.join(f'{name}: {len(layers)} dense layers' for name, layers in held.items())}",
+              file=log, flush=True)
     try:
         server.run(sockets=[sock])
     finally:
