@@ -215,12 +215,19 @@ def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray,
         squares = sum(_self_influence(index.store.layer(layer)) for layer in index.layers)
         out["self-influence"] = _ranked(squares)
     if losses is not None and result.table:
-        influence = result.ranking
-        position = np.empty(len(influence))
-        position[influence] = np.arange(len(influence))
-        position[out["training loss"][0]] += np.arange(len(influence))
-        out["influence + loss"] = _ranked(-position)
+        out["influence + loss"] = fuse(result.ranking, out["training loss"][0], 0.5)
     return out
+
+
+def fuse(influence: np.ndarray, loss: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rank fusion of two rankings (ids, most suspicious first): each example's position
+    ``(1 - weight) x`` its influence position ``+ weight x`` its loss position, lowest first,
+    ties by id; returns (ids, -fused position). Positions, not scores, so neither side's scale
+    decides: weight 0 is the influence ranking, 1 the loss ranking."""
+    position = np.empty(len(influence))
+    position[influence] = (1.0 - weight) * np.arange(len(influence))
+    position[loss] += weight * np.arange(len(loss))
+    return _ranked(-position)
 
 
 def _self_influence(view) -> np.ndarray:
