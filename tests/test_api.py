@@ -312,7 +312,7 @@ def reference_audit(index, layers, q_vectors, queries, agg, p=0.2):
 def test_audit_equals_brute_force(noisy_index, influence_set, tmp_path):
     index, noisy = noisy_index
     path, texts, labels, correct = influence_set
-    result = index.audit(path, aggs="mean,rank,vote", correct_only=True, layers="each,groups")
+    result = index.audit(path, aggs="mean,rank,vote", correct_only=True, layers="each,groups", score="gradient")
     grads = index.gradients(texts, labels=labels)
     assert np.array_equal(grads.correct, correct) and result.n_correct == 3 and result.n_queries == 6
     for layer in LAYERS:
