@@ -216,7 +216,7 @@ class AuditConfig(Scoring, Columns):
     fuse_weight: float = option(0.5, "Weight of the training-loss ranking in the 'influence + loss' rank fusion, the headline's answer (position = (1 - w) x influence position + w x loss position); 0: influence alone.")
     vote_p: float = option(0.2, "Vote: each (layer, query) list votes for its bottom p fraction of training examples.")
     levels: str = option("10,20,30", "NDR levels in percent of the training set, comma-separated.")
-    metric: str | None = option(None, "cosine or dot: how influence compares gradients; default: the index's (build --metric). One build answers both.")
+    metric: str | None = option("cosine", "cosine (the audit default) or dot: how influence compares gradients; one build answers both.")
     noise_col: str | None = option(None, "Column of the indexed training data flagging known-mislabeled examples (1/true); default: 'noisy' when present.")
     batch_size: int = option(16, "Queries per forward/backward pass.")
 

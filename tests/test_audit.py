@@ -129,7 +129,7 @@ def test_default_audit_prints_the_headline_beside_the_baselines(capsys, env):
     assert code == 0, err
     lines = [line for line in out.splitlines() if "influence" in line or "loss" in line]
     assert "influence + loss (weight 0.5)" in lines[0]
-    assert "influence (all, rank" in lines[1] and "curvature" in lines[1]
+    assert "influence (all, rank" in lines[1] and "cosine" in lines[1] and "curvature)" in out
     assert any("training loss" in line for line in lines) and any("self-influence" in line for line in lines)
     assert "comparison" not in out
     code, out, err = run_cli(capsys, "audit", env["index"].path, env["queries"], "--json")
@@ -137,8 +137,9 @@ def test_default_audit_prints_the_headline_beside_the_baselines(capsys, env):
     result = json.loads(out)
     head = result["headline"]
     defaults = AuditConfig()
-    assert (head["scope"], head["agg"], head["score"], head["fuse_weight"]) == (
-        defaults.layers, defaults.aggs, defaults.score, defaults.fuse_weight)
+    assert (head["scope"], head["agg"], head["metric"], head["score"], head["fuse_weight"]) == (
+        defaults.layers, defaults.aggs, defaults.metric, defaults.score, defaults.fuse_weight)
+    assert env["index"].manifest["metric"] == "dot"  # the default is cosine whatever the build's
     assert head["subset"] == ("correct" if result["n_correct"] else "all")
     names = [row["name"] for row in head["rows"]]
     assert names[0] == "influence + loss (weight 0.5)" and names[1].startswith("influence (all, rank")
