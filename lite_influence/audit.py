@@ -122,10 +122,16 @@ class AuditResult:
                 for row in self.table if row["kind"] == "group" and row["agg"] == agg}}
         return out
 
-    def export(self, path: str | Path, examples: list[dict], scope: str = "all",
-               agg: str | None = None, subset: str = "all") -> Path:
-        """The full ranking as a table: id, score, rank, text, label, noise flag."""
-        agg = agg or self.table[0]["agg"]
+    def export(self, path: str | Path, examples: list[dict], scope: str | None = None,
+               agg: str | None = None, subset: str | None = None) -> Path:
+        """The full ranking as a table: id, score, rank, text, label, noise flag. Without a
+        scope, aggregation or subset: the headline's answer (influence + loss when the loss
+        is known, else the headline influence ranking); otherwise that row (default all
+        layers, the first aggregation, all queries)."""
+        if scope is None and agg is None and subset is None:
+            fused = ("influence + loss", "baseline", "all")
+            scope, agg, subset = fused if fused in self.rankings else self.headline_key
+        scope, agg, subset = scope or "all", agg or self.table[0]["agg"], subset or "all"
         if (scope, agg, subset) not in self.rankings:
             raise UserError(f"no ranking for scope '{scope}' and aggregation '{agg}' in this audit.")
         ids, scores = self.rankings[(scope, agg, subset)]

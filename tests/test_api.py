@@ -338,7 +338,7 @@ def test_audit_equals_brute_force(noisy_index, influence_set, tmp_path):
     assert result.baselines["perfect"]["auc_ndr"] == 1.0
     assert result.baselines["random"]["auc_ndr"] == pytest.approx(ndr.random_auc_ndr(40, m))
 
-    out = result.export(tmp_path / "ranking.tsv", index.examples)
+    out = result.export(tmp_path / "ranking.tsv", index.examples, scope="all", agg="mean", subset="all")
     with open(out, newline="") as handle:
         exported = list(csv.DictReader(handle, delimiter="\t"))
     assert len(exported) == 40

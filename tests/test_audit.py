@@ -132,10 +132,13 @@ def test_default_audit_prints_the_headline_beside_the_baselines(capsys, env):
     assert "influence (all, rank" in lines[1] and "cosine" in lines[1] and "curvature)" in out
     assert any("training loss" in line for line in lines) and any("self-influence" in line for line in lines)
     assert "comparison" not in out
-    code, out, err = run_cli(capsys, "audit", env["index"].path, env["queries"], "--json")
+    export = env["root"] / "headline.tsv"
+    code, out, err = run_cli(capsys, "audit", env["index"].path, env["queries"], "--json", "--export", export)
     assert code == 0, err
     result = json.loads(out)
     head = result["headline"]
+    fused = env["index"].audit(env["queries"]).rankings[("influence + loss", "baseline", "all")][0]
+    assert [int(line.split("\t")[1]) for line in export.read_text().splitlines()[1:]] == fused.tolist()
     defaults = AuditConfig()
     assert (head["scope"], head["agg"], head["metric"], head["score"], head["fuse_weight"]) == (
         defaults.layers, defaults.aggs, defaults.metric, defaults.score, defaults.fuse_weight)
