@@ -140,6 +140,32 @@ def grid_scores(run: dict, folder: Path, batch_size: int = 16) -> dict:
     return {"stats": out, "baselines": baselines, "steps": steps, **meta}
 
 
+def library_default(run: dict, folder: Path) -> dict:
+    """A plain ``index.audit(queries)`` (AuditConfig's defaults): its headline rows, to check
+    that the library's default is the setting this benchmark chose. Cached per run."""
+    from lite_influence import InfluenceIndex
+
+    stages = ndr_sst2.Stages(folder, True, ndr_sst2.Clock())
+    cached = stages.load("library-default")
+    if cached is None:
+        result = InfluenceIndex.open(run["index"]).audit(run["queries"])
+        cached = {"setting": {k: v for k, v in result.headline_json().items() if k != "rows"},
+                  "rows": {name: values for name, values in result.headline_rows()}}
+        stages.save("library-default", cached)
+    return cached
+
+
+def _library_check(grid: dict, chosen: str) -> dict:
+    """Whether the library's plain audit leads with the chosen setting's figures."""
+    library = grid.get("library_default")
+    if library is None:
+        return {}
+    first_name, first = next(iter(library["rows"].items()))
+    ours = grid["stats"][chosen]
+    return {"setting": library["setting"], "first_row": first_name, "ndr@30": first["ndr@30"],
+            "matches_chosen": all(first[k] == ours[k] for k in first)}
+
+
 def rank_key(stats: dict):
     """Best first: NDR@30, then AUC-NDR (NDR@30 ties often: it counts examples)."""
     return (-stats["ndr@30"], -stats["auc_ndr"])
@@ -169,11 +195,18 @@ def evaluate(grids: dict) -> dict:
     report = {}
     for (n, seed), grid in grids.items():
         name = f"n{n} s{seed}"
+        # the grid's own fusion against the audit's "influence + loss" row (the last audit,
+        # cosine/curvature, fused its headline: all layers, first aggregation mean, -c, 0.5)
+        mine = grid["stats"][key({"scope": "all", "agg": "mean", "subset": "correct", "metric": "cosine",
+                                  "score": "curvature", "weight": 0.5})]
+        if any(mine[k] != v for k, v in grid["baselines"]["influence + loss"].items()):
+            raise SystemExit(f"{name}: the grid's fusion differs from the audit's influence + loss row")
         best_here = min(grid["stats"], key=lambda k: rank_key(grid["stats"][k]))
         report[name] = {"held_out": (n, seed) != SELECT, "n": grid["n"], "n_noisy": grid["n_noisy"],
                         "n_queries": grid["n_queries"], "n_correct": grid["n_correct"],
                         "settings": {label: {"setting": k, **versus_loss(grid, k)} for label, k in watched.items()},
                         "own_best": {"setting": best_here, **versus_loss(grid, best_here)},
+                        "library_default": _library_check(grid, chosen),
                         "steps": grid["steps"]}
     return {"chosen": select["stats"][chosen] | {"key": chosen}, "grid_size": len(ranked), "runs": report}
 
@@ -199,6 +232,11 @@ def markdown(results: dict) -> str:
         lines.append(f"- {name}{' (held out)' if run['held_out'] else ' (selection)'}: gap {gap:+.3f} "
                      f"{'met' if gap >= 0.02 else 'not met'}; {run['n']:,} examples, {run['n_noisy']} flipped, "
                      f"{run['n_queries']} queries ({run['n_correct']} correct)")
+    for name, run in results["runs"].items():
+        check = run.get("library_default") or {}
+        if check:
+            lines.append(f"- {name}: a plain `index.audit(queries)` leads with '{check['first_row']}' "
+                         f"(NDR@30 {check['ndr@30']:.3f}): {'the chosen setting' if check['matches_chosen'] else 'NOT the chosen setting'}")
     lines += ["", "Load average (1 min) of every audit (2 shared cores; wall times indicative only):", ""]
     for name, run in results["runs"].items():
         lines.append(f"- {name}: " + "; ".join(f"{s['audit']} {s['seconds']:.0f} s, load {s['load']:.2f}"
@@ -252,6 +290,7 @@ def main(argv=None) -> dict:
     for n, seed in runs:
         run = prepare(args.work, n, seed, args.data)
         grids[(n, seed)] = grid_scores(run, args.work / f"n{n}" / f"full-s{seed}")
+        grids[(n, seed)]["library_default"] = library_default(run, args.work / f"n{n}" / f"full-s{seed}")
     results = evaluate(grids)
     setup["load_end"] = [round(x, 2) for x in os.getloadavg()]
     results["setup"] = setup
