@@ -52,7 +52,7 @@ class AuditResult:
     warning: str | None = None  # the model is at chance on the queries (chance.py)
     metric: str = "cosine"  # what the influence rows compared
     score: str = "gradient"  # and how (curvature.py)
-    headline: dict = field(default_factory=dict)  # the setting of the headline row (headline())
+    headline: dict = field(default_factory=dict)  # correct_only and fuse_weight: which rows the headline shows (headline_rows())
 
     @property
     def ranking(self) -> np.ndarray:
