@@ -76,7 +76,8 @@ def main() -> None:
     index = build_index(args.model, train, work / "index", metric=args.metric, seed=args.seed)
     build_s = time.perf_counter() - started
     started = time.perf_counter()
-    result = index.audit(query_file, aggs="mean,rank,vote")
+    result = index.audit(query_file, aggs="mean,rank,vote", layers="each,groups", score="gradient",
+                         correct_only=False, metric=index.manifest["metric"])
     audit_s = time.perf_counter() - started
     grads = index.gradients(*[[q["sentence"] for q in queries[: args.queries]]],
                             labels=[int(q["label"]) for q in queries[: args.queries]])

@@ -674,7 +674,8 @@ def run_one(args, mode: str, seed: int, files: dict, model: str, work: Path) -> 
         audits[(metric, projection)] = stages.load(name)
         if audits[(metric, projection)] is None:
             clock.start()
-            result = index.audit(files["queries"], aggs="mean,rank,vote", correct_only=True,
+            result = index.audit(files["queries"], aggs="mean,rank,vote", correct_only=True, metric=metric,
+                                 layers="each,groups", score="gradient", fuse_weight=0.5,
                                  batch_size=args.batch_size)
             rows, ranks = audit_rows(result)
             audits[(metric, projection)] = {"rows": rows, "rankings": ranks, "n_correct": result.n_correct,
@@ -765,7 +766,8 @@ def run_one(args, mode: str, seed: int, files: dict, model: str, work: Path) -> 
         big = max(max(u[2], u[3]) for us in exact["layer_shapes"].values() for u in us)
         identity = lite_influence.build_index(model_dir, train_used, folder / "index-identity", force=True,
                                               projection="random", **{**build_options, "proj_dim": big})
-        id_rows, _ = audit_rows(identity.audit(files["queries"], aggs="mean,rank,vote", correct_only=True,
+        id_rows, _ = audit_rows(identity.audit(files["queries"], aggs="mean,rank,vote", correct_only=True, metric="dot",
+                                               layers="each,groups", score="gradient",
                                                batch_size=args.batch_size))
         checks["identity_projection_vs_exact_max_abs_ndr_diff"] = max(
             abs(id_rows[s][a][k] - ndr_rows["dot"]["exact"][s][a][k])

@@ -52,13 +52,37 @@ class AuditResult:
     warning: str | None = None  # the model is at chance on the queries (chance.py)
     metric: str = "cosine"  # what the influence rows compared
     score: str = "gradient"  # and how (curvature.py)
+    headline: dict = field(default_factory=dict)  # correct_only and fuse_weight: which rows the headline shows (headline_rows())
 
     @property
     def ranking(self) -> np.ndarray:
-        """The headline ranking: all layers, the first aggregation, all queries."""
-        scope, agg, subset = self.table[0]["scope"], self.table[0]["agg"], "all"
-        return self.rankings[("all", agg, subset)][0] if ("all", agg, subset) in self.rankings \
-            else self.rankings[(scope, agg, subset)][0]
+        """The headline's influence ranking: all layers (else the first scope), the first
+        aggregation, the correctly predicted queries with --correct-only (else all)."""
+        return self.rankings[self.headline_key][0]
+
+    @property
+    def headline_key(self) -> tuple[str, str, str]:
+        scope, agg = self.table[0]["scope"], self.table[0]["agg"].removesuffix("-c")
+        scope = "all" if ("all", agg, "all") in self.rankings else scope
+        subset = "correct" if self.headline.get("correct_only") and (scope, agg, "correct") in self.rankings else "all"
+        return scope, agg, subset
+
+    def headline_rows(self) -> list[tuple[str, dict]]:
+        """The default's answer first (influence fused with the loss when --fuse-weight > 0,
+        the setting chosen on SST-2: README, Auditing), then the influence row alone and the
+        baselines it must beat: (name, NDR figures) each; empty without known noise."""
+        if self.noisy is None or not self.table:
+            return []
+        scope, agg, subset = self.headline_key
+        row = next(r for r in self.table if r["scope"] == scope and r["agg"] == agg + ("-c" if subset == "correct" else ""))
+        keys = [ndr.level_key(p) for p in self.levels] + ["auc_ndr"]
+        influence = (f"influence ({scope}, {row['agg']}, {self.metric}, {self.score})", {k: row[k] for k in keys})
+        rows = [influence]
+        if "influence + loss" in self.baselines:
+            rows.insert(0, (f"influence + loss (weight {self.headline.get('fuse_weight', 0.5):g})",
+                            self.baselines["influence + loss"]))
+        return rows + [(name, self.baselines[name]) for name in ("training loss", "self-influence", "random", "perfect")
+                       if name in self.baselines]
 
     def best(self) -> dict | None:
         scored = [row for row in self.table if "auc_ndr" in row]
@@ -69,7 +93,17 @@ class AuditResult:
                 "n_noisy": None if self.noisy is None else int(self.noisy.sum()),
                 "levels": list(self.levels), "table": self.table, "baselines": self.baselines,
                 "cancellation": self.cancellation, "notes": self.notes,
-                "warning": self.warning, "score": self.score}
+                "warning": self.warning, "score": self.score,
+                "headline": self.headline_json()}
+
+    def headline_json(self) -> dict:
+        """The headline's setting and rows (the default's answer first) for --json."""
+        if not self.table:
+            return {}
+        scope, agg, subset = self.headline_key
+        return {"scope": scope, "agg": agg, "subset": subset, "metric": self.metric, "score": self.score,
+                "fuse_weight": self.headline.get("fuse_weight"),
+                "rows": [{"name": name, **values} for name, values in self.headline_rows()]}
 
     def saved(self, examples: list[dict], top: int = 200, points: int = 200) -> dict:
         """What ``audit --save`` keeps beside the index for the server's page: the table and
@@ -88,10 +122,16 @@ class AuditResult:
                 for row in self.table if row["kind"] == "group" and row["agg"] == agg}}
         return out
 
-    def export(self, path: str | Path, examples: list[dict], scope: str = "all",
-               agg: str | None = None, subset: str = "all") -> Path:
-        """The full ranking as a table: id, score, rank, text, label, noise flag."""
-        agg = agg or self.table[0]["agg"]
+    def export(self, path: str | Path, examples: list[dict], scope: str | None = None,
+               agg: str | None = None, subset: str | None = None) -> Path:
+        """The full ranking as a table: id, score, rank, text, label, noise flag. Without a
+        scope, aggregation or subset: the headline's answer (influence + loss when the loss
+        is known, else the headline influence ranking); otherwise that row (default all
+        layers, the first aggregation, all queries)."""
+        if scope is None and agg is None and subset is None:
+            fused = ("influence + loss", "baseline", "all")
+            scope, agg, subset = fused if fused in self.rankings else self.headline_key
+        scope, agg, subset = scope or "all", agg or self.table[0]["agg"], subset or "all"
         if (scope, agg, subset) not in self.rankings:
             raise UserError(f"no ranking for scope '{scope}' and aggregation '{agg}' in this audit.")
         ids, scores = self.rankings[(scope, agg, subset)]
@@ -164,7 +204,8 @@ def run_audit(index, queries, config, progress) -> AuditResult:
                                                             config.vote_p, metric, (config.score, config.damping))
         progress("layers", number + 1, len(layers))
     result = AuditResult(len(index), len(examples), int(grads.correct.sum()), noisy, levels,
-                         cancellation=cancellation, metric=metric, score=config.score)
+                         cancellation=cancellation, metric=metric, score=config.score,
+                         headline={"correct_only": config.correct_only, "fuse_weight": config.fuse_weight})
     if config.score == "curvature":
         result.notes.append(f"score: curvature (damping {config.damping:g} x the mean curvature per weight matrix)")
     result.warning = chance_warning(grads)
@@ -215,12 +256,19 @@ def baseline_rankings(index, result: AuditResult) -> dict[str, tuple[np.ndarray,
         squares = sum(_self_influence(index.store.layer(layer)) for layer in index.layers)
         out["self-influence"] = _ranked(squares)
     if losses is not None and result.table:
-        influence = result.ranking
-        position = np.empty(len(influence))
-        position[influence] = np.arange(len(influence))
-        position[out["training loss"][0]] += np.arange(len(influence))
-        out["influence + loss"] = _ranked(-position)
+        out["influence + loss"] = fuse(result.ranking, out["training loss"][0], result.headline.get("fuse_weight", 0.5))
     return out
+
+
+def fuse(influence: np.ndarray, loss: np.ndarray, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rank fusion of two rankings (ids, most suspicious first): each example's position
+    ``(1 - weight) x`` its influence position ``+ weight x`` its loss position, lowest first,
+    ties by id; returns (ids, -fused position). Positions, not scores, so neither side's scale
+    decides: weight 0 is the influence ranking, 1 the loss ranking."""
+    position = np.empty(len(influence))
+    position[influence] = (1.0 - weight) * np.arange(len(influence))
+    position[loss] += weight * np.arange(len(loss))
+    return _ranked(-position)
 
 
 def _self_influence(view) -> np.ndarray:

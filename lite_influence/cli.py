@@ -266,7 +266,7 @@ def audit(
     index_dir: Path = typer.Argument(..., help="An index folder written by `build`."),
     query_file: Path = typer.Argument(..., help="The influence set: clean, labelled examples (csv/tsv/jsonl)."),
     config: AuditConfig = None,
-    export: Optional[Path] = typer.Option(None, "--export", help="Write the full ranking (all layers, first --agg) to this csv/tsv/jsonl."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Write the headline's full ranking (influence + loss) to this csv/tsv/jsonl."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw detection curves of every group to this PNG."),
     save: bool = typer.Option(False, "--save", help="Keep the result beside the index (INDEX/audit.json), where `serve`'s page shows it."),
     model: Optional[Path] = typer.Option(None, "--model", help="The model folder, if it moved since the build."),

@@ -219,12 +219,16 @@ class QueryText(Options):
 class AuditConfig(Scoring, Columns):
     """Options of ``lite-influence audit`` (the columns are the query file's)."""
 
-    layers: str = option("each,groups", "What to score: 'each' (every layer alone), 'groups' (embeddings, early, middle, late, head, all), or layer/group names; comma-separated.")
-    aggs: str = option("mean,rank,vote", "Aggregations to compare, comma-separated: mean, rank, vote.", flag="--agg")
-    correct_only: bool = option(False, "Also report the -c variants: only queries the model predicts correctly.")
+    # the defaults are the headline setting chosen on SST-2 seed 0 (benchmarks/audit_default.py;
+    # README, Auditing); --layers each,groups --agg mean,rank,vote prints the full comparison
+    layers: str = option("all", "What to score: 'each' (every layer alone), 'groups' (embeddings, early, middle, late, head, all), or layer/group names; comma-separated. The headline is 'all' (else the first).")
+    aggs: str = option("rank", "Aggregations to compare, comma-separated: mean, rank, vote; the headline is the first.", flag="--agg")
+    correct_only: bool = option(True, "Also report the -c variants (only queries the model predicts correctly) and make the headline theirs; --no-correct-only: all queries.")
+    score: str = option("curvature", "gradient (plain gradient similarity: TracIn, the paper's score) or curvature (the audit default: divided by EK-FAC's damped curvature in the stored eigenbasis, from the stored vectors; README, Curvature).")
+    fuse_weight: float = option(0.5, "Weight of the training-loss ranking in the 'influence + loss' rank fusion, the headline's answer (position = (1 - w) x influence position + w x loss position); 0: influence alone.")
     vote_p: float = option(0.2, "Vote: each (layer, query) list votes for its bottom p fraction of training examples.")
     levels: str = option("10,20,30", "NDR levels in percent of the training set, comma-separated.")
-    metric: str | None = option(None, "cosine or dot: how influence compares gradients; default: the index's (build --metric). One build answers both.")
+    metric: str | None = option("cosine", "cosine (the audit default) or dot: how influence compares gradients; one build answers both.")
     noise_col: str | None = option(None, "Column of the indexed training data flagging known-mislabeled examples (1/true); default: 'noisy' when present.")
     batch_size: int = option(16, "Queries per forward/backward pass.")
 
@@ -253,6 +257,8 @@ class AuditConfig(Scoring, Columns):
         self.check_scoring()
         if not 0 < self.vote_p <= 1:
             raise UserError(f"--vote-p must be in (0, 1], got {self.vote_p}")
+        if not 0 <= self.fuse_weight <= 1:
+            raise UserError(f"--fuse-weight must be in [0, 1], got {self.fuse_weight}")
         _at_least(self, ("batch_size",), 1)
         return self
 
@@ -289,6 +295,8 @@ def cli_parameters(cls) -> list[tuple[str, object, object]]:
     result = []
     for f in fields(cls):
         names = [flag_of(f)] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+        if f.default is True:  # a flag that is on by default needs its off switch
+            names[0] = f"{names[0]}/--no-{names[0][2:]}"
         annotation = hints[f.name]
         args = typing.get_args(annotation)
         if type(None) in args:  # typer wants Optional[X], not X | None

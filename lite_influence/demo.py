@@ -118,7 +118,8 @@ def run_demo(folder: str | Path, *, n_train: int = 400, noise: float = 0.2, epoc
     common = dict(max_length=32, seed=seed, progress=progress, force=True)
     lookup_index = audit_index = build_index(folder / "model", used, folder / "index", **common)  # both metrics
     lap("build")
-    audit = audit_index.audit(data["queries"], aggs="mean,rank,vote", metric="dot", progress=progress)
+    audit = audit_index.audit(data["queries"], layers="each,groups", aggs="mean,rank,vote", metric="dot",
+                              progress=progress)
     files = {"train data": used, "model": folder / "model", "index (lookup: cosine, audit: dot)": lookup_index.path,
              "ranking": audit.export(folder / "ranking.tsv", audit_index.examples, agg="vote"),
              "detection curves": detection_curves(audit, folder / "detection_curves.png"),

@@ -78,6 +78,8 @@ def print_query(result: dict, names: list[str]) -> None:
 
 
 def print_audit(result) -> None:
+    """The headline (the default setting's answer beside the baselines it must beat), then the
+    comparison table when the audit scored more than one scope or aggregation."""
     from .ndr import level_key
 
     levels = [level_key(p) for p in result.levels]
@@ -85,6 +87,18 @@ def print_audit(result) -> None:
     title = (f"{result.n:,} training examples, {result.n_queries} queries ({result.n_correct} predicted correctly)"
              + (f", {int(result.noisy.sum())} known noisy" if has_ndr else "")
              + (", curvature" if getattr(result, "score", "gradient") == "curvature" else ""))
+    headline = result.headline_rows()
+    if headline:
+        table = Table("headline", *[c.upper() for c in levels], "AUC-NDR", title=title, title_justify="left")
+        for number, (name, values) in enumerate(headline):
+            style = "bold" if number == 0 else "dim" if name in ("random", "perfect") else ""
+            table.add_row(*[f"[{style}]{cell}[/]" if style else cell
+                            for cell in [name, *(f"{values[c]:.3f}" for c in levels + ["auc_ndr"])]])
+        console.print(table)
+        title = "comparison"
+    if headline and len({(row["scope"], row["agg"].removesuffix("-c")) for row in result.table}) == 1:
+        _notes(result)
+        return
     table = Table("scope", "agg", *([c.upper() for c in levels] + ["AUC-NDR"] if has_ndr else ["top 5 most detrimental"]),
                   title=title, title_justify="left")
     best = {c: max((r[c] for r in result.table), default=None) for c in levels + ["auc_ndr"]} if has_ndr else {}
@@ -95,9 +109,13 @@ def print_audit(result) -> None:
             cells = [", ".join(str(i) for i in result.rankings[(row["scope"], row["agg"].removesuffix("-c"),
                                                                  "correct" if row["agg"].endswith("-c") else "all")][0][:5])]
         table.add_row(row["scope"], row["agg"], *cells)
-    for name, values in result.baselines.items():
+    for name, values in ([] if headline else result.baselines.items()):  # the headline has them
         table.add_row(f"[dim]{name}[/]", "", *[f"[dim]{values[c]:.3f}[/]" for c in levels + ["auc_ndr"]])
     console.print(table)
+    _notes(result)
+
+
+def _notes(result) -> None:
     for note in result.notes:
         console.print(f"[yellow]note[/]: {note}")
 

@@ -312,7 +312,7 @@ def reference_audit(index, layers, q_vectors, queries, agg, p=0.2):
 def test_audit_equals_brute_force(noisy_index, influence_set, tmp_path):
     index, noisy = noisy_index
     path, texts, labels, correct = influence_set
-    result = index.audit(path, aggs="mean,rank,vote", correct_only=True, layers="each,groups")
+    result = index.audit(path, aggs="mean,rank,vote", correct_only=True, layers="each,groups", score="gradient")
     grads = index.gradients(texts, labels=labels)
     assert np.array_equal(grads.correct, correct) and result.n_correct == 3 and result.n_queries == 6
     for layer in LAYERS:
@@ -338,7 +338,7 @@ def test_audit_equals_brute_force(noisy_index, influence_set, tmp_path):
     assert result.baselines["perfect"]["auc_ndr"] == 1.0
     assert result.baselines["random"]["auc_ndr"] == pytest.approx(ndr.random_auc_ndr(40, m))
 
-    out = result.export(tmp_path / "ranking.tsv", index.examples)
+    out = result.export(tmp_path / "ranking.tsv", index.examples, scope="all", agg="mean", subset="all")
     with open(out, newline="") as handle:
         exported = list(csv.DictReader(handle, delimiter="\t"))
     assert len(exported) == 40

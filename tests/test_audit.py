@@ -94,8 +94,78 @@ def test_baselines_training_loss_self_influence_and_fusion(bert_dir, env):
     assert result.baselines["training loss"] == ndr.summarise(by_loss, noisy, result.levels)
     squares = sum((dense_rows(index, l) ** 2).sum(1) for l in index.layers)
     assert result.baselines["self-influence"] == ndr.summarise(order(squares, higher_first=True), noisy, result.levels)
-    influence = result.rankings[("all", "rank", "all")][0]
+    influence = result.rankings[result.headline_key][0]  # the headline: -c when any query is correct
+    assert result.headline_key[2] == ("correct" if result.n_correct else "all")
     position = np.argsort(influence) + np.argsort(by_loss)  # each example's two positions
     fused = np.lexsort((np.arange(len(position)), position))
     assert result.baselines["influence + loss"] == ndr.summarise(fused, noisy, result.levels)
     assert set(json.loads(json.dumps(result.to_json()))["baselines"]) >= {"training loss", "self-influence", "influence + loss"}
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 0.5, 1.0])
+def test_fuse_weighs_the_two_positions(weight):
+    """Against a direct reference: position = (1 - w) x influence position + w x loss
+    position, lowest first, ties by id; w 0 is the influence ranking, 1 the loss ranking."""
+    from lite_influence.audit import fuse
+
+    rng = np.random.default_rng(3)
+    influence, loss = rng.permutation(50), rng.permutation(50)
+    fused_position = [(1 - weight) * list(influence).index(i) + weight * list(loss).index(i) for i in range(50)]
+    expected = sorted(range(50), key=lambda i: (fused_position[i], i))
+    assert fuse(influence, loss, weight)[0].tolist() == expected
+    if weight == 0:
+        assert expected == influence.tolist()
+    if weight == 1:
+        assert expected == loss.tolist()
+
+
+def test_default_audit_prints_the_headline_beside_the_baselines(capsys, env):
+    """A plain `audit` leads with the default setting's answer (influence fused with the
+    loss), then the influence row alone and the baselines; the comparison table only when
+    asked for; --json carries the same rows, equal to the table's and the baselines'."""
+    from lite_influence.config import AuditConfig
+
+    code, out, err = run_cli(capsys, "audit", env["index"].path, env["queries"])
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if "influence" in line or "loss" in line]
+    assert "influence + loss (weight 0.5)" in lines[0]
+    assert "influence (all, rank" in lines[1] and "cosine" in lines[1] and "curvature)" in out
+    assert any("training loss" in line for line in lines) and any("self-influence" in line for line in lines)
+    assert "comparison" not in out
+    export = env["root"] / "headline.tsv"
+    code, out, err = run_cli(capsys, "audit", env["index"].path, env["queries"], "--json", "--export", export)
+    assert code == 0, err
+    result = json.loads(out)
+    head = result["headline"]
+    fused = env["index"].audit(env["queries"]).rankings[("influence + loss", "baseline", "all")][0]
+    assert [int(line.split("\t")[1]) for line in export.read_text().splitlines()[1:]] == fused.tolist()
+    defaults = AuditConfig()
+    assert (head["scope"], head["agg"], head["metric"], head["score"], head["fuse_weight"]) == (
+        defaults.layers, defaults.aggs, defaults.metric, defaults.score, defaults.fuse_weight)
+    assert env["index"].manifest["metric"] == "dot"  # the default is cosine whatever the build's
+    assert head["subset"] == ("correct" if result["n_correct"] else "all")
+    names = [row["name"] for row in head["rows"]]
+    assert names[0] == "influence + loss (weight 0.5)" and names[1].startswith("influence (all, rank")
+    assert {"training loss", "self-influence", "random", "perfect"} <= set(names)
+    rows = {row.pop("name"): row for row in head["rows"]}
+    for name in ("training loss", "self-influence"):
+        assert rows[name] == result["baselines"][name]
+    assert rows[names[0]] == result["baselines"]["influence + loss"]
+    table_row = next(r for r in result["table"] if r["agg"] == "rank" + ("-c" if head["subset"] == "correct" else ""))
+    assert all(rows[names[1]][k] == table_row[k] for k in rows[names[1]])
+
+
+def test_the_full_comparison_and_the_switches(capsys, env):
+    code, out, err = run_cli(capsys, "audit", env["index"].path, env["queries"], "--layers", "each,groups",
+                             "--agg", "mean,rank,vote", "--no-correct-only", "--score", "gradient",
+                             "--fuse-weight", "0.25", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["headline"]["subset"] == "all" and result["headline"]["score"] == "gradient"
+    assert result["headline"]["agg"] == "mean" and result["headline"]["rows"][0]["name"] == "influence + loss (weight 0.25)"
+    assert not any(row["agg"].endswith("-c") for row in result["table"])
+    assert {row["scope"] for row in result["table"]} >= {"all", "middle", "embeddings"}
+    code, out, err = run_cli(capsys, "audit", env["index"].path, env["queries"], "--layers", "each,groups")
+    assert code == 0 and "comparison" in out and "headline" in out
+    code, out, err = run_cli(capsys, "audit", env["index"].path, env["queries"], "--fuse-weight", "2")
+    assert code == 1 and "--fuse-weight must be in [0, 1]" in err

@@ -141,7 +141,8 @@ def test_a_query_scores_the_lr_weighted_sum_of_exact_influences(exact_case, metr
 
 def test_the_audit_ranks_by_the_weighted_sum_before_aggregating_layers(exact_case, trained):
     index, layers, per_checkpoint = exact_case
-    result = index.audit(trained / "train_used.tsv", layers="block1,head", aggs="mean,rank", metric="dot")
+    result = index.audit(trained / "train_used.tsv", layers="block1,head", aggs="mean,rank", metric="dot",
+                         score="gradient", correct_only=False)
     sums = {layer: reference(per_checkpoint, layer, "dot") for layer in ("block1", "head")}
     for layer in ("block1", "head"):
         ids, values = result.rankings[(layer, "mean", "all")]
