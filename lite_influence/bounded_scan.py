@@ -199,11 +199,11 @@ def bounded_sides(store, examples, vectors: dict, layers: list[str], metric: str
     float32 products and float64 rescoring of the rows left open (module docstring); None when
     the bound leaves more than ``MAX_OPEN`` of N as candidates (the caller then scores all in
     float64)."""
-    from .lookup import result_row
+    from .lookup import SIDES, result_row
 
     lists = Lists(store, vectors, layers, metric)
     out = {}
-    for side, sign in (("proponents", 1.0), ("opponents", -1.0)):
+    for side, sign in SIDES:
         found = _side(store.n, lists, sign, k, agg, vote_p)
         if found is None:
             return None

@@ -121,12 +121,17 @@ def _gathered(pieces: list[Piece], n: int, read) -> np.ndarray:
     first = read(pieces[0].store)
     out = np.empty((n,) + first.shape[1:], first.dtype)
     for piece in pieces:
-        source = first if piece is pieces[0] else read(piece.store)
-        if source.shape[1:] != first.shape[1:] or source.dtype != first.dtype:
-            raise UserError(f"index '{piece.store.path}' stores rows of another shape or type than "
-                            f"'{pieces[0].store.path}'; they were not built alike.")
+        source = first if piece is pieces[0] else _alike(piece, read(piece.store), pieces[0], first)
         out[piece.dest] = source[piece.rows]
     return out
+
+
+def _alike(piece: Piece, source: np.ndarray, first_piece: Piece, first: np.ndarray) -> np.ndarray:
+    """``source`` (a piece's rows), refused unless its rows have the first piece's shape and type."""
+    if source.shape[1:] != first.shape[1:] or source.dtype != first.dtype:
+        raise UserError(f"index '{piece.store.path}' stores rows of another shape or type than "
+                        f"'{first_piece.store.path}'; they were not built alike.")
+    return source
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -155,12 +160,8 @@ BLOCK_BYTES = 2 ** 26  # a merge streams a Flat layer in blocks of about this ma
 def _blocks(pieces: list[Piece], n: int, read):
     """``read(store)``'s rows of every piece in the result's row order, about ``BLOCK_BYTES``
     a block (what ``_gathered`` gives, a block at a time)."""
-    sources = [read(piece.store) for piece in pieces]
-    first = sources[0]
-    for piece, source in zip(pieces, sources):
-        if source.shape[1:] != first.shape[1:] or source.dtype != first.dtype:
-            raise UserError(f"index '{piece.store.path}' stores rows of another shape or type than "
-                            f"'{pieces[0].store.path}'; they were not built alike.")
+    first = read(pieces[0].store)
+    sources = [first] + [_alike(piece, read(piece.store), pieces[0], first) for piece in pieces[1:]]
     owner, row = np.empty(n, np.int64), np.empty(n, np.int64)
     for number, piece in enumerate(pieces):
         owner[piece.dest], row[piece.dest] = number, piece.rows
