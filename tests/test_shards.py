@@ -4,6 +4,11 @@ be the single build, file for file (the projection is shared, so bit for bit).""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +176,35 @@ def test_a_merge_streamed_in_blocks_of_a_few_rows_is_still_the_single_build(bert
                           **OPTIONS) for i in (0, 1)]
     merged = merge_shards([s.path for s in shards], tmp_path / "merged")
     assert any(f.endswith(".faiss") for f in same_files(single.path, merged))
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (kills the merge at its N-th rename or unlink)")
+@pytest.mark.parametrize("calls", ["rename,renameat,renameat2", "unlink,unlinkat,rmdir"])
+def test_a_merge_killed_at_every_rename_and_unlink_leaves_the_old_or_the_new_index(bert_dir, train_tsv, tmp_path, calls):
+    """``merge --force`` over an existing index, killed (SIGKILL, from strace) at each of its
+    renames or unlinks in turn: ``--out`` is always a whole index equal to the single build (the
+    old one and the new one are), and a merge run again after each kill gives that index."""
+    from lite_influence import build_index
+    from lite_influence.fitting import fit_projection
+    from lite_influence.shards import merge_shards
+
+    single = build_index(bert_dir, train_tsv, tmp_path / "single", **OPTIONS)
+    proj = fit_projection(bert_dir, train_tsv, tmp_path / "proj", **OPTIONS)
+    shards = [build_index(bert_dir, train_tsv, tmp_path / f"shard{i}", shard=f"{i}/2", projection_from=str(proj),
+                          **OPTIONS).path for i in (0, 1)]
+    out = tmp_path / "merged"
+    merge_shards(shards, out)
+    command = [sys.executable, "-m", "lite_influence", "merge", *map(str, shards), "--out", str(out), "--force"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    for n in range(1, 200):
+        killed = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={calls}",
+                                 "-e", f"inject={calls}:signal=SIGKILL:when={n}", *command],
+                                capture_output=True, text=True, env=env, timeout=300)
+        same_files(single.path, out)  # after every kill: a whole index, the old or the new
+        if killed.returncode == 0:  # past the last such call: the merge ran to its end
+            break
+        assert killed.returncode in (-9, 137), (n, killed.returncode, killed.stderr[-500:])
+        again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert again.returncode == 0, (n, again.stderr[-500:])
+        same_files(single.path, out)
+    assert n > 1, "the merge made no such call: the kill matrix tested nothing"
